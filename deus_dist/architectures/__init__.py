@@ -1,0 +1,113 @@
+"""Architecture descriptions: which tensor of a decoder block lives in which space.
+
+Each family is one JSON file in this folder (see ``llama.json`` for the schema). A file may
+``extend`` another: its ``block`` entries are added to the parent's, other keys replace the
+parent's. Adding a family is adding a file; no code here knows any family by name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+
+from deus_dist.errors import UserError
+
+
+@dataclass(frozen=True)
+class TensorRole:
+    """What one block tensor is: the space of its rows (and columns, for matrices)."""
+
+    rows: str
+    cols: str | None = None
+    optional: bool = False
+    output: bool = False
+    """Writes into the residual stream: zero it and the block becomes an identity map."""
+    norm: bool = False
+
+
+@dataclass(frozen=True)
+class Architecture:
+    family: str
+    architectures: tuple[str, ...]
+    model_types: tuple[str, ...]
+    layer_prefix: str
+    block: dict[str, TensorRole]
+    per_layer_lists: tuple[str, ...] = ()
+    """Config fields holding one entry per layer (rewritten in the output's layer order)."""
+    layer_prefix_counts: tuple[str, ...] = ()
+    """Config fields counting a prefix of the layers (like Qwen2's ``max_window_layers``)."""
+    _layer_re: re.Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        pattern = re.compile(re.escape(self.layer_prefix) + r"(\d+)\.(.+)$")
+        object.__setattr__(self, "_layer_re", pattern)
+
+    def split_name(self, name: str) -> tuple[int, str] | None:
+        """``model.layers.3.mlp.up_proj.weight`` -> ``(3, "mlp.up_proj.weight")``; None if global."""
+        m = self._layer_re.match(name)
+        return (int(m.group(1)), m.group(2)) if m else None
+
+    def layer_name(self, index: int, suffix: str) -> str:
+        return f"{self.layer_prefix}{index}.{suffix}"
+
+    def output_suffixes(self) -> set[str]:
+        return {s for s, r in self.block.items() if r.output}
+
+
+def _load_raw(name: str) -> dict:
+    path = resources.files(__package__).joinpath(f"{name}.json")
+    raw = json.loads(path.read_text())
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    merged = _load_raw(parent)
+    block = {**merged.get("block", {}), **raw.pop("block", {})}
+    merged.update(raw)
+    merged["block"] = block
+    return merged
+
+
+@cache
+def all_architectures() -> tuple[Architecture, ...]:
+    out = []
+    for entry in sorted(resources.files(__package__).iterdir(), key=lambda p: p.name):
+        if not entry.name.endswith(".json"):
+            continue
+        raw = _load_raw(entry.name[: -len(".json")])
+        raw.pop("_doc", None)
+        out.append(
+            Architecture(
+                family=raw["family"],
+                architectures=tuple(raw["architectures"]),
+                model_types=tuple(raw["model_types"]),
+                layer_prefix=raw["layer_prefix"],
+                block={k: TensorRole(**v) for k, v in raw["block"].items()},
+                per_layer_lists=tuple(raw.get("per_layer_lists", ())),
+                layer_prefix_counts=tuple(raw.get("layer_prefix_counts", ())),
+            )
+        )
+    return tuple(out)
+
+
+def supported_names() -> str:
+    return ", ".join(f"{a.architectures[0]} ({a.model_types[0]})" for a in all_architectures())
+
+
+def architecture_for(config: dict, option: str = "--model") -> Architecture:
+    """The description matching an HF ``config.json`` dict, or a UserError listing what is supported."""
+    archs = config.get("architectures") or []
+    model_type = config.get("model_type")
+    for arch in all_architectures():
+        if any(a in arch.architectures for a in archs):
+            return arch
+    for arch in all_architectures():
+        if not archs and model_type in arch.model_types:
+            return arch
+    shown = archs[0] if archs else "?"
+    raise UserError(
+        f"{option}: unsupported architecture {shown} (model_type {model_type!r}); "
+        f"supported: {supported_names()}"
+    )

@@ -1,0 +1,28 @@
+"""Turning a ``--model`` value into a local checkpoint directory."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from deus_dist.errors import UserError
+
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+def resolve_model_path(value: str, option: str = "--model") -> Path:
+    """A local directory as is; ``org/name`` that is not a local path is fetched from the HF hub
+    (for users on clusters; honours ``HF_HUB_OFFLINE`` and the local hub cache)."""
+    path = Path(value).expanduser()
+    if path.exists() or not _HUB_NAME.match(value):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(value, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # the hub client raises many types; all mean "not available"
+        raise UserError(
+            f"{option}: {value} is neither a local directory nor a model the hub returned "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None

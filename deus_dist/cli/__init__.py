@@ -1,0 +1,1 @@
+"""Command-line plumbing shared by the tools and launchers (the entry points stay thin)."""

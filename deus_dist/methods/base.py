@@ -1,0 +1,83 @@
+"""The interface every up-scaling method implements, and the registry from name to method.
+
+A method decides the layout of the output (which base layers feed which output layer, through
+:mod:`deus_dist.plan`) and computes each new block from its source blocks. Blocks are dicts from
+a tensor's suffix inside the block (``mlp.up_proj.weight``) to a float32 tensor; the
+architecture description says which space each tensor's rows and columns live in.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from deus_dist.architectures import Architecture
+from deus_dist.configs import FuseConfig
+from deus_dist.errors import UserError
+from deus_dist.plan import LayerPlan, insertion_plan
+
+Block = dict[str, torch.Tensor]
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available under ``cls.name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise UserError(f"--method: unknown method {name!r}; choose one of {', '.join(method_names())}") from None
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    pair: ClassVar[bool] = True
+    """New blocks are made from both neighbours (so they can only go in gaps between layers)."""
+    default_placement: ClassVar[str] = "top"
+    function_preserving: ClassVar[bool] = False
+    """The up-scaled model computes exactly what the base computed (checked after writing)."""
+
+    def plan(self, num_layers: int, cfg: FuseConfig) -> LayerPlan:
+        """The output layout; the default inserts new blocks into gaps chosen by the placement."""
+        return insertion_plan(
+            num_layers,
+            pair=self.pair,
+            placement=cfg.placement or self.default_placement,
+            num_new=cfg.num_new,
+            positions=cfg.positions,
+        )
+
+    def prepare(self, reader, arch: Architecture, plan: LayerPlan, cfg: FuseConfig) -> None:
+        """Whole-model work before any block is made (calibration, shared fits); default none."""
+
+    @abstractmethod
+    def new_block(self, sources: list[Block], arch: Architecture, device: torch.device) -> Block:
+        """The new block from its source blocks (one for copy methods, the lower and upper for
+        pair methods), as float32 tensors on ``device``."""
+
+    def describe(self) -> dict:
+        """Method settings recorded in the manifest beside the layer plan."""
+        return {}
+
+    def diagnostics(self) -> dict | None:
+        """Per-block measurements recorded in the manifest under ``diagnostics`` (optional)."""
+        return None
+
+
+def zero_outputs(block: Block, arch: Architecture) -> Block:
+    """Zero every tensor that writes into the residual stream: the block becomes an identity map."""
+    outputs = arch.output_suffixes()
+    return {k: torch.zeros_like(v) if k in outputs else v for k, v in block.items()}

@@ -1,0 +1,267 @@
+"""Up-scaling: plan -> read -> method -> write -> verify -> rename.
+
+Memory stays at one tensor for inherited layers and two source blocks plus the new one for new
+layers: tensors are read one at a time through the shard index and streamed into size-capped
+shards whose layout is fixed before any weight is computed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deus_dist.architectures import Architecture, architecture_for
+from deus_dist.checkpoint import CheckpointReader, ShardedWriter, TensorSpec, atomic_output_dir, copy_aux_files
+from deus_dist.checkpoint.hf_config import config_hash, resolved_per_layer_lists, rewrite_config
+from deus_dist.checkpoint.hub import resolve_model_path
+from deus_dist.checkpoint.manifest import build_manifest, read_manifest, write_manifest
+from deus_dist.checkpoint.writer import parse_size
+from deus_dist.configs import FuseConfig
+from deus_dist.errors import CheckpointError, UserError
+from deus_dist.methods import Method, get_method
+from deus_dist.plan import LayerPlan
+from deus_dist import verify
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DISK_MARGIN = 64 * 2**20
+
+
+@dataclass
+class Job:
+    """Everything validated and resolved, ready to run."""
+
+    cfg: FuseConfig
+    model_dir: Path
+    reader: CheckpointReader
+    arch: Architecture
+    method: Method
+    plan: LayerPlan
+    out: Path
+    out_dtype: torch.dtype | None
+    max_shard_bytes: int
+    device: torch.device
+    block_suffixes: list[str]
+    global_names: list[str]
+
+
+def _check_layers(reader: CheckpointReader, arch: Architecture, num_layers: int) -> tuple[list[str], list[str]]:
+    """Block suffixes (in description order) and global tensor names; errors for anything odd."""
+    per_layer: dict[int, set[str]] = {}
+    global_names = []
+    for name in reader.tensors:
+        split = arch.split_name(name)
+        if split is None:
+            global_names.append(name)
+            continue
+        i, suffix = split
+        if suffix not in arch.block:
+            raise CheckpointError(
+                f"--model: tensor {name} is not part of the {arch.family} block description; "
+                "is config.json's architecture right?"
+            )
+        if i >= num_layers:
+            raise CheckpointError(f"--model: tensor {name} is beyond num_hidden_layers={num_layers}")
+        per_layer.setdefault(i, set()).add(suffix)
+    present = per_layer.get(0, set())
+    required = {s for s, r in arch.block.items() if not r.optional}
+    for i in range(num_layers):
+        have = per_layer.get(i, set())
+        lacking = sorted((required | present) - have)
+        if lacking:
+            raise CheckpointError(f"--model: layer {i} lacks {lacking[:3]} (checkpoint incomplete?)")
+    return [s for s in arch.block if s in present], sorted(global_names)
+
+
+def _default_out(model_dir: Path, method: str, layers: int) -> Path:
+    return Path("upscaled") / f"{model_dir.name}-{method}-{layers}L"
+
+
+def prepare(cfg: FuseConfig, log=print) -> Job:
+    """Validate every option against the input and resolve the plan; one UserError lists all problems."""
+    problems: list[str] = []
+
+    def attempt(fn):
+        try:
+            return fn()
+        except UserError as e:
+            problems.extend(e.problems)
+            return None
+
+    method = attempt(lambda: get_method(cfg.method))
+    max_shard = attempt(lambda: parse_size(cfg.out_shard_size))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        problems.append("--device cuda: no CUDA device is visible; use --device cpu")
+    if cfg.model is None:
+        from deus_dist.embedded import embedded_model_dir
+
+        model_dir = attempt(lambda: embedded_model_dir(progress=not cfg.quiet))
+    else:
+        model_dir = attempt(lambda: resolve_model_path(cfg.model))
+    reader = attempt(lambda: CheckpointReader(model_dir)) if model_dir is not None else None
+    if reader is None or method is None:
+        raise UserError(problems)
+    arch = attempt(lambda: architecture_for(reader.config))
+    num_layers = reader.config.get("num_hidden_layers")
+    if not isinstance(num_layers, int) or num_layers < 1:
+        problems.append(f"--model: config.json has no valid num_hidden_layers ({num_layers!r})")
+        arch = None
+    layers = attempt(lambda: _check_layers(reader, arch, num_layers)) if arch else None
+    plan = attempt(lambda: method.plan(num_layers, cfg)) if arch else None
+    out = None
+    if plan is not None:
+        out = Path(cfg.out) if cfg.out else _default_out(model_dir, method.name, plan.num_layers_after)
+        out_abs, model_abs = out.absolute().resolve(), model_dir.absolute().resolve()
+        if out_abs == model_abs or model_abs in out_abs.parents:
+            problems.append(f"--out: {out} is inside --model {model_dir}; write somewhere else")
+        elif out.exists() and not cfg.force:
+            problems.append(f"--out: {out} already exists; pass --force to replace it")
+        elif out.exists() and not out.is_dir():
+            problems.append(f"--out: {out} exists and is not a directory")
+    if problems:
+        raise UserError(problems)
+    return Job(
+        cfg=cfg,
+        model_dir=model_dir,
+        reader=reader,
+        arch=arch,
+        method=method,
+        plan=plan,
+        out=out,
+        out_dtype=DTYPES.get(cfg.dtype),
+        max_shard_bytes=max_shard,
+        device=torch.device(cfg.device),
+        block_suffixes=layers[0],
+        global_names=layers[1],
+    )
+
+
+def _specs(job: Job) -> list[TensorSpec]:
+    def dtype_of(info):
+        return job.out_dtype if job.out_dtype is not None and info.dtype.is_floating_point else info.dtype
+
+    specs = [TensorSpec(n, job.reader.tensors[n].shape, dtype_of(job.reader.tensors[n])) for n in job.global_names]
+    for i, src in enumerate(job.plan.layers):
+        for suffix in job.block_suffixes:
+            info = job.reader.tensors[job.arch.layer_name(src.base[0], suffix)]
+            specs.append(TensorSpec(job.arch.layer_name(i, suffix), info.shape, dtype_of(info)))
+    return specs
+
+
+def _check_disk(out: Path, nbytes: int) -> None:
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < nbytes + DISK_MARGIN:
+        raise UserError(
+            f"--out: {parent} has {free / 1e9:.2f} GB free, the output needs {nbytes / 1e9:.2f} GB; "
+            "free space or choose another --out (nothing was written)"
+        )
+
+
+def _read_block(job: Job, layer: int) -> dict[str, torch.Tensor]:
+    return {
+        s: job.reader.read(job.arch.layer_name(layer, s)).to(job.device, torch.float32)
+        for s in job.block_suffixes
+    }
+
+
+def _progress(total: int, quiet: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="layer", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+
+
+def write_checkpoint(job: Job, tmp: Path) -> dict:
+    """Stream the up-scaled weights, config, tokenizer files and manifest into ``tmp``."""
+    specs = _specs(job)
+    dtype = {s.name: s.dtype for s in specs}
+    writer = ShardedWriter(tmp, specs, job.max_shard_bytes)
+    job.method.prepare(job.reader, job.arch, job.plan, job.cfg)
+    try:
+        for name in job.global_names:
+            writer.write(name, job.reader.read(name).to(dtype[name]))
+        with _progress(job.plan.num_layers_after, job.cfg.quiet, "up-scaling") as bar:
+            for i, src in enumerate(job.plan.layers):
+                if src.new:
+                    block = job.method.new_block([_read_block(job, k) for k in src.base], job.arch, job.device)
+                else:
+                    block = None  # inherited: stream tensor by tensor
+                for s in job.block_suffixes:
+                    name = job.arch.layer_name(i, s)
+                    if block is not None:
+                        tensor = block[s].to("cpu")
+                    else:
+                        tensor = job.reader.read(job.arch.layer_name(src.base[0], s))
+                    writer.write(name, tensor.to(dtype[name]))
+                bar.update(1)
+        writer.finish()
+    finally:
+        writer.close()
+
+    config = job.reader.config
+    per_layer = resolved_per_layer_lists(job.model_dir, config, job.arch)
+    new_config = rewrite_config(config, per_layer, job.arch, job.plan, job.out_dtype)
+    (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
+    copy_aux_files(job.model_dir, tmp)
+    manifest = build_manifest(
+        method=job.method.name,
+        params={**job.plan.params, **job.method.describe(), "dtype": job.cfg.dtype},
+        plan=job.plan,
+        base_model=str(job.cfg.model or job.model_dir),
+        base_config_hash=config_hash(config),
+        previous=read_manifest(job.model_dir),
+        diagnostics=job.method.diagnostics(),
+    )
+    write_manifest(tmp, manifest)
+    return {"shards": len(writer.shards), "bytes": writer.total_bytes}
+
+
+def verify_checkpoint(job: Job, tmp: Path) -> list[str]:
+    """Checks on the written files before they get their final name; returns what was checked."""
+    if job.cfg.verify is False:
+        return ["skipped (--no_verify)"]
+    done = []
+    verify.check_keys_and_shapes(tmp)
+    done.append("keys and shapes match transformers' model")
+    if job.method.function_preserving:
+        size = 2 * verify.model_bytes_fp32(job.reader)
+        if job.cfg.verify or verify.fits_in_memory(size):
+            diff = verify.check_logits_equal(job.model_dir, tmp, job.reader.config["vocab_size"])
+            done.append(f"logits equal the base's (max |diff| {diff:.2g})")
+        else:
+            done.append("logits check skipped: the models do not fit comfortably in memory (--verify forces it)")
+    return done
+
+
+def run(cfg: FuseConfig, log=print) -> Path:
+    """Validate, write into a temporary directory, verify, rename. Returns the output path."""
+    job = prepare(cfg, log)
+    specs_bytes = sum(s.nbytes for s in _specs(job))
+    _check_disk(job.out, specs_bytes)
+    say = (lambda *a: None) if cfg.quiet else log
+    plan = job.plan
+    say(
+        f"{job.method.name}: {job.model_dir} ({job.arch.family}, {plan.num_layers_before} layers) -> "
+        f"{job.out} ({plan.num_layers_after} layers, new at {plan.new_layers})"
+    )
+    start = time.perf_counter()
+    try:
+        with atomic_output_dir(job.out, cfg.force) as tmp:
+            stats = write_checkpoint(job, tmp)
+            checks = verify_checkpoint(job, tmp)
+    finally:
+        job.reader.close()
+    say(
+        f"wrote {job.out}: {stats['shards']} shard(s), {stats['bytes'] / 1e9:.3f} GB, "
+        f"{time.perf_counter() - start:.1f} s"
+    )
+    for check in checks:
+        say(f"  verified: {check}")
+    return job.out

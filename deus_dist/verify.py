@@ -1,0 +1,93 @@
+"""Checks run on a written checkpoint before it gets its final name.
+
+- keys and shapes: the model transformers builds from the written config (on the meta device, so
+  no memory) must have exactly the written tensors, tied weights aside;
+- logits: for function-preserving methods, the up-scaled model's logits on a probe input must
+  equal the base model's (both loaded in float32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from deus_dist.checkpoint import CheckpointReader
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+def check_keys_and_shapes(model_dir: Path) -> None:
+    """Raise RuntimeError naming the first differences between the files and transformers' model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with _quiet_transformers():
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    reader = CheckpointReader(model_dir, option="written checkpoint")
+    written = {k: v.shape for k, v in reader.tensors.items()}
+    missing = sorted(set(expected) - set(written) - tied)
+    unexpected = sorted(set(written) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(written) if expected[k] != written[k])
+    if missing or unexpected or wrong:
+        raise RuntimeError(
+            f"written checkpoint does not match {type(model).__name__}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
+        )
+    if config.num_hidden_layers != len(getattr(config, "layer_types", None) or [0] * config.num_hidden_layers):
+        raise RuntimeError("written config: layer_types does not have num_hidden_layers entries")
+
+
+def model_bytes_fp32(reader: CheckpointReader) -> int:
+    return sum(t.nbytes // t.dtype.itemsize * 4 for t in reader.tensors.values())
+
+
+def fits_in_memory(nbytes: int, fraction: float = 0.4) -> bool:
+    try:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    except ImportError:
+        available = 0
+    return nbytes < fraction * available
+
+
+def probe_logits(model_dir: Path, input_ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def check_logits_equal(base_dir: Path, out_dir: Path, vocab_size: int, atol: float = 1e-4) -> float:
+    """Max |logit difference| between base and up-scaled on a fixed probe; RuntimeError above atol."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (2, 24), generator=gen)
+    base = probe_logits(base_dir, ids)
+    out = probe_logits(out_dir, ids)
+    diff = (base - out).abs().max().item()
+    if not diff <= atol:
+        raise RuntimeError(
+            f"the up-scaled model's logits differ from the base's by up to {diff:.3g} (> {atol}); "
+            "the method should preserve the function"
+        )
+    return diff

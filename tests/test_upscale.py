@@ -1,0 +1,182 @@
+"""The up-scaling tool on tiny real transformers models of every supported family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import FAMILIES, fuse, load_manifest, make_tiny, state_dict
+from deus_dist.architectures import architecture_for
+
+METHODS = ["copy", "avg", "llama-pro", "solar"]
+
+
+def expected_layer(method: str, arch, base_sd: dict, source: dict, new: bool) -> dict:
+    """What an output layer must hold, computed here from the base weights and the manifest."""
+    def layer(k):
+        return {s: base_sd[arch.layer_name(k, s)].float() for s in arch.block if arch.layer_name(k, s) in base_sd}
+
+    if "base" in source:
+        return layer(source["base"])
+    if "pair" in source:
+        a, b = (layer(k) for k in source["pair"])
+        return {s: 0.5 * (a[s] + b[s]) for s in a}
+    block = layer(source["copy"])
+    if method == "llama-pro":
+        block = {s: torch.zeros_like(t) if arch.block[s].output else t for s, t in block.items()}
+    return block
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_family_and_method(tmp_path, family, method):
+    base = make_tiny(tmp_path / "base", family)
+    out = tmp_path / "out"
+    assert fuse("--model", base, "--out", out, "--method", method, "--quiet") == 0
+
+    manifest = load_manifest(out)
+    base_cfg = json.loads((base / "config.json").read_text())
+    out_cfg = json.loads((out / "config.json").read_text())
+    L = base_cfg["num_hidden_layers"]
+    assert manifest["num_layers_before"] == L
+    assert out_cfg["num_hidden_layers"] == manifest["num_layers_after"] == len(manifest["layers"])
+    assert manifest["new_layers"] == [e["index"] for e in manifest["layers"] if "base" not in e["source"]]
+    assert manifest["method"] == method and manifest["history"] == []
+    expected_new = {"solar": L - 2 * (L // 4)}.get(method, L // 2)
+    assert len(manifest["new_layers"]) == expected_new
+
+    # transformers loads it with no missing or unexpected keys
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert len(model.model.layers) == out_cfg["num_hidden_layers"]
+
+    # per-layer config fields follow the layout (a new block takes its lower source's settings)
+    resolved_base = AutoConfig.from_pretrained(base)
+    base_types = getattr(resolved_base, "layer_types", None)
+    if base_types is not None:
+        sources = [next(iter(e["source"].values())) for e in manifest["layers"]]
+        lower = [s[0] if isinstance(s, list) else s for s in sources]
+        assert model.config.layer_types == [base_types[k] for k in lower]
+
+    # every output layer holds exactly what the manifest says it came from
+    arch = architecture_for(base_cfg)
+    base_sd, out_sd = state_dict(base), state_dict(out)
+    for entry in manifest["layers"]:
+        want = expected_layer(method, arch, base_sd, entry["source"], entry["index"] in manifest["new_layers"])
+        for suffix, tensor in want.items():
+            got = out_sd[arch.layer_name(entry["index"], suffix)].float()
+            torch.testing.assert_close(got, tensor, rtol=0, atol=0, msg=f"{entry} {suffix}")
+    for name in base_sd:
+        if arch.split_name(name) is None:
+            assert torch.equal(out_sd[name], base_sd[name])
+    assert (out / "tokenizer_config.json").exists() and (out / "generation_config.json").exists()
+
+
+def logits(path, ids):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_pro_keeps_logits_identical(tmp_path, family):
+    base = make_tiny(tmp_path / "base", family)
+    out = tmp_path / "out"
+    assert fuse("--model", base, "--out", out, "--method", "llama-pro", "--quiet") == 0
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(logits(base, ids), logits(out, ids))
+
+
+def test_avg_changes_logits(tmp_path, tiny_llama):
+    """Contrast: a non-preserving method does change the function (so the check above has teeth)."""
+    out = tmp_path / "out"
+    assert fuse("--model", tiny_llama, "--out", out, "--method", "avg", "--quiet") == 0
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(logits(tiny_llama, ids), logits(out, ids))
+
+
+def test_copy_at_position_k_duplicates_layer_k(tmp_path, tiny_llama):
+    out = tmp_path / "out"
+    assert fuse("--model", tiny_llama, "--out", out, "--method", "copy", "--positions", "2", "--quiet") == 0
+    sd = state_dict(out)
+    layer = {n.split(".", 3)[3]: t for n, t in sd.items() if n.startswith("model.layers.2.")}
+    assert layer
+    for suffix, t in layer.items():
+        assert torch.equal(sd[f"model.layers.3.{suffix}"], t)
+    assert load_manifest(out)["new_layers"] == [3]
+
+
+def test_two_shard_input_and_output(tmp_path):
+    base = make_tiny(tmp_path / "base", "llama", max_shard_size="200KB")
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2
+    out = tmp_path / "out"
+    assert fuse("--model", base, "--out", out, "--out_shard_size", "300KB", "--quiet") == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    n = len(shards)
+    assert n >= 2 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    sizes = {s: (out / s).stat().st_size for s in shards}
+    assert all(size <= 300_000 + 16_000 for size in sizes.values())  # cap plus the JSON header
+    assert index["metadata"]["total_size"] == sum(state_dict(out)[k].nbytes for k in index["weight_map"])
+    from safetensors import safe_open
+
+    with safe_open(out / shards[0], "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    base = make_tiny(tmp_path / "base", "llama", tie_word_embeddings=True)
+    out = tmp_path / "out"
+    assert fuse("--model", base, "--out", out, "--method", "llama-pro", "--quiet") == 0
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in state_dict(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_dtype_conversion(tmp_path, tiny_llama):
+    out = tmp_path / "out"
+    assert fuse("--model", tiny_llama, "--out", out, "--dtype", "bf16", "--quiet") == 0
+    assert {t.dtype for t in state_dict(out).values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_qwen2_max_window_layers_follows_the_layout(tmp_path):
+    base = make_tiny(tmp_path / "base", "qwen2")  # layers 0-1 full attention, 2-5 sliding
+    out = tmp_path / "out"
+    assert fuse("--model", base, "--out", out, "--placement", "bottom", "--num_new", "2", "--quiet") == 0
+    cfg = json.loads((out / "config.json").read_text())
+    # output: base0, new(0,1), base1, new(1,2), base2, ... : the first 4 come from layers below 2
+    assert cfg["max_window_layers"] == 4
+    assert cfg["layer_types"][:5] == ["full_attention"] * 4 + ["sliding_attention"]
+
+
+def test_growing_again_keeps_history(tmp_path, tiny_llama):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert fuse("--model", tiny_llama, "--out", first, "--method", "llama-pro", "--quiet") == 0
+    assert fuse("--model", first, "--out", second, "--method", "llama-pro", "--quiet") == 0
+    m1, m2 = load_manifest(first), load_manifest(second)
+    assert m2["num_layers_before"] == m1["num_layers_after"] == 9
+    assert m2["num_layers_after"] == 13
+    assert len(m2["history"]) == 1 and m2["history"][0]["new_layers"] == m1["new_layers"]
+
+
+def test_yaml_config_and_flags_override(tmp_path, tiny_llama):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"model: {tiny_llama}\nmethod: copy\nnum_new: 2\nplacement: bottom\nquiet: true\n")
+    out = tmp_path / "out"
+    assert fuse("--config", plan, "--out", out, "--num_new", "3") == 0
+    m = load_manifest(out)
+    assert m["method"] == "copy" and m["params"]["num_new"] == 3 and m["params"]["placement"] == "bottom"
+
+
+def test_default_output_path(tmp_path, tiny_llama, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert fuse("--model", tiny_llama, "--method", "copy", "--quiet") == 0
+    assert (tmp_path / "upscaled" / "base-copy-9L" / "deus_manifest.json").exists()

