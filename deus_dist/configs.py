@@ -39,3 +39,31 @@ class FuseConfig:
     in memory. --verify forces it, --no_verify skips all checks."""
     quiet: bool = False
     """No progress bar or summary."""
+
+
+@dataclass
+class EvalConfig:
+    """Options of ``tools/eval_ppl.py``."""
+
+    model: str | None = None
+    """Checkpoint to evaluate (any HF causal LM directory, or a hub name). Default: the embedded
+    SmolLM2-135M."""
+    data: str | None = None
+    """Text source: a .txt/.md/.jsonl/.json file or a folder of them. Default: the held-out slice
+    of the embedded Wikipedia sample."""
+    text_field: str = "text"
+    """Field holding the text in JSON records."""
+    seq_len: int = 512
+    """Window length in tokens (each window scores seq_len - 1 tokens)."""
+    batch_size: int = 4
+    """Windows per forward pass."""
+    max_tokens: int | None = 16384
+    """Stop after about this many scored tokens (0 or less: the whole source)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model runs; auto picks cuda when visible."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Compute dtype; auto is fp32 on CPU and bf16 on GPU."""
+    output_json: str | None = None
+    """Also write the result as JSON to this file."""
+    quiet: bool = False
+    """No progress bar."""

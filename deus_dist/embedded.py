@@ -75,15 +75,15 @@ def embedded_model_dir(progress: bool = True) -> Path:
     def build(tmp: Path) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+
+        from deus_dist.hf_logging import quiet_transformers
 
         if progress:
             print(f"converting the embedded {MODEL_NAME} from its GGUF (once) into {tmp.parent}")
-        else:
-            hf_logging.disable_progress_bar()
         kw = {"gguf_file": gguf.name}
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+        with quiet_transformers(not progress):
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, **kw)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
         # A fresh model without the GGUF loading state, holding the de-quantised weights.
         config = loaded.config
         config.architectures = [type(loaded).__name__]

@@ -104,8 +104,7 @@ def insertion_plan(
             raise UserError(f"--num_new must be at least 1, got {n}")
         if n > slots:
             raise UserError(
-                f"--num_new {n}: a {num_layers}-layer base has only {slots} {what}, "
-                f"one new block each"
+                f"--num_new {n}: a {num_layers}-layer base has only {slots} {what}, one new block each"
             )
         chosen = placement_gaps(num_layers, placement, n, pair)
         params = {"placement": placement, "num_new": n, "positions": chosen}

@@ -16,8 +16,15 @@ from pathlib import Path
 
 import torch
 
+from deus_dist import verify
 from deus_dist.architectures import Architecture, architecture_for
-from deus_dist.checkpoint import CheckpointReader, ShardedWriter, TensorSpec, atomic_output_dir, copy_aux_files
+from deus_dist.checkpoint import (
+    CheckpointReader,
+    ShardedWriter,
+    TensorSpec,
+    atomic_output_dir,
+    copy_aux_files,
+)
 from deus_dist.checkpoint.hf_config import config_hash, resolved_per_layer_lists, rewrite_config
 from deus_dist.checkpoint.hub import resolve_model_path
 from deus_dist.checkpoint.manifest import build_manifest, read_manifest, write_manifest
@@ -26,7 +33,6 @@ from deus_dist.configs import FuseConfig
 from deus_dist.errors import CheckpointError, UserError
 from deus_dist.methods import Method, get_method
 from deus_dist.plan import LayerPlan
-from deus_dist import verify
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DISK_MARGIN = 64 * 2**20
@@ -50,7 +56,9 @@ class Job:
     global_names: list[str]
 
 
-def _check_layers(reader: CheckpointReader, arch: Architecture, num_layers: int) -> tuple[list[str], list[str]]:
+def _check_layers(
+    reader: CheckpointReader, arch: Architecture, num_layers: int
+) -> tuple[list[str], list[str]]:
     """Block suffixes (in description order) and global tensor names; errors for anything odd."""
     per_layer: dict[int, set[str]] = {}
     global_names = []
@@ -145,7 +153,9 @@ def _specs(job: Job) -> list[TensorSpec]:
     def dtype_of(info):
         return job.out_dtype if job.out_dtype is not None and info.dtype.is_floating_point else info.dtype
 
-    specs = [TensorSpec(n, job.reader.tensors[n].shape, dtype_of(job.reader.tensors[n])) for n in job.global_names]
+    specs = [
+        TensorSpec(n, job.reader.tensors[n].shape, dtype_of(job.reader.tensors[n])) for n in job.global_names
+    ]
     for i, src in enumerate(job.plan.layers):
         for suffix in job.block_suffixes:
             info = job.reader.tensors[job.arch.layer_name(src.base[0], suffix)]
@@ -190,7 +200,9 @@ def write_checkpoint(job: Job, tmp: Path) -> dict:
         with _progress(job.plan.num_layers_after, job.cfg.quiet, "up-scaling") as bar:
             for i, src in enumerate(job.plan.layers):
                 if src.new:
-                    block = job.method.new_block([_read_block(job, k) for k in src.base], job.arch, job.device)
+                    block = job.method.new_block(
+                        [_read_block(job, k) for k in src.base], job.arch, job.device
+                    )
                 else:
                     block = None  # inherited: stream tensor by tensor
                 for s in job.block_suffixes:
@@ -236,7 +248,9 @@ def verify_checkpoint(job: Job, tmp: Path) -> list[str]:
             diff = verify.check_logits_equal(job.model_dir, tmp, job.reader.config["vocab_size"])
             done.append(f"logits equal the base's (max |diff| {diff:.2g})")
         else:
-            done.append("logits check skipped: the models do not fit comfortably in memory (--verify forces it)")
+            done.append(
+                "logits check skipped: the models do not fit comfortably in memory (--verify forces it)"
+            )
     return done
 
 

@@ -8,33 +8,19 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
 
 from deus_dist.checkpoint import CheckpointReader
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        hf_logging.enable_progress_bar()
+from deus_dist.hf_logging import quiet_transformers
 
 
 def check_keys_and_shapes(model_dir: Path) -> None:
     """Raise RuntimeError naming the first differences between the files and transformers' model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    with _quiet_transformers():
+    with quiet_transformers():
         config = AutoConfig.from_pretrained(model_dir)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -50,7 +36,9 @@ def check_keys_and_shapes(model_dir: Path) -> None:
             f"written checkpoint does not match {type(model).__name__}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
         )
-    if config.num_hidden_layers != len(getattr(config, "layer_types", None) or [0] * config.num_hidden_layers):
+    if config.num_hidden_layers != len(
+        getattr(config, "layer_types", None) or [0] * config.num_hidden_layers
+    ):
         raise RuntimeError("written config: layer_types does not have num_hidden_layers entries")
 
 
@@ -71,7 +59,7 @@ def fits_in_memory(nbytes: int, fraction: float = 0.4) -> bool:
 def probe_logits(model_dir: Path, input_ids: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    with _quiet_transformers():
+    with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     with torch.no_grad():

@@ -42,8 +42,15 @@ def tiny_config(family: str, **overrides):
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 
 
-def make_tiny(path: Path, family: str = "llama", *, seed: int = 0, dtype=torch.float32,
-              max_shard_size: str | None = None, **overrides) -> Path:
+def make_tiny(
+    path: Path,
+    family: str = "llama",
+    *,
+    seed: int = 0,
+    dtype=torch.float32,
+    max_shard_size: str | None = None,
+    **overrides,
+) -> Path:
     """Save a tiny randomly initialised model (all weights non-trivial) as an HF checkpoint."""
     from transformers import AutoModelForCausalLM
 

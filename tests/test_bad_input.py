@@ -21,7 +21,7 @@ def error_of(capsys, *args) -> str:
     assert fuse(*args) == 2
     err = capsys.readouterr().err
     assert "fuse_layers.py: error:" in err and "Traceback" not in err
-    return err[err.index("fuse_layers.py: error:"):]
+    return err[err.index("fuse_layers.py: error:") :]
 
 
 def leftovers(parent) -> list[str]:
@@ -68,7 +68,11 @@ def test_unsupported_architecture(tmp_path, capsys):
     cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
     (base / "config.json").write_text(json.dumps(cfg))
     err = error_of(capsys, "--model", base, "--out", tmp_path / "out")
-    assert "unsupported architecture GPT2LMHeadModel" in err and "LlamaForCausalLM" in err and "Qwen3ForCausalLM" in err
+    assert (
+        "unsupported architecture GPT2LMHeadModel" in err
+        and "LlamaForCausalLM" in err
+        and "Qwen3ForCausalLM" in err
+    )
 
 
 @pytest.mark.parametrize(
@@ -167,8 +171,18 @@ def test_killed_process_leaves_no_finished_output(tmp_path):
     """SIGKILL while writing or verifying: the final directory never appears; a later run cleans up."""
     base = make_tiny(tmp_path / "base", hidden_size=256, intermediate_size=1024, num_hidden_layers=8)
     out = tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "tools" / "fuse_layers.py"), "--model", str(base), "--out", str(out),
-           "--method", "llama-pro", "--verify", "--quiet"]
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "fuse_layers.py"),
+        "--model",
+        str(base),
+        "--out",
+        str(out),
+        "--method",
+        "llama-pro",
+        "--verify",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob(".out.partial-*/model-*.safetensors")):
@@ -185,8 +199,18 @@ def test_killed_process_leaves_no_finished_output(tmp_path):
 def test_sigterm_cleans_up(tmp_path):
     base = make_tiny(tmp_path / "base", hidden_size=256, intermediate_size=1024, num_hidden_layers=8)
     out = tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "tools" / "fuse_layers.py"), "--model", str(base), "--out", str(out),
-           "--method", "llama-pro", "--verify", "--quiet"]
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "fuse_layers.py"),
+        "--model",
+        str(base),
+        "--out",
+        str(out),
+        "--method",
+        "llama-pro",
+        "--verify",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob(".out.partial-*/model-*.safetensors")):

@@ -16,8 +16,11 @@ METHODS = ["copy", "avg", "llama-pro", "solar"]
 
 def expected_layer(method: str, arch, base_sd: dict, source: dict, new: bool) -> dict:
     """What an output layer must hold, computed here from the base weights and the manifest."""
+
     def layer(k):
-        return {s: base_sd[arch.layer_name(k, s)].float() for s in arch.block if arch.layer_name(k, s) in base_sd}
+        return {
+            s: base_sd[arch.layer_name(k, s)].float() for s in arch.block if arch.layer_name(k, s) in base_sd
+        }
 
     if "base" in source:
         return layer(source["base"])
@@ -65,7 +68,9 @@ def test_every_family_and_method(tmp_path, family, method):
     arch = architecture_for(base_cfg)
     base_sd, out_sd = state_dict(base), state_dict(out)
     for entry in manifest["layers"]:
-        want = expected_layer(method, arch, base_sd, entry["source"], entry["index"] in manifest["new_layers"])
+        want = expected_layer(
+            method, arch, base_sd, entry["source"], entry["index"] in manifest["new_layers"]
+        )
         for suffix, tensor in want.items():
             got = out_sd[arch.layer_name(entry["index"], suffix)].float()
             torch.testing.assert_close(got, tensor, rtol=0, atol=0, msg=f"{entry} {suffix}")

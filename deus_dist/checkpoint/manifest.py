@@ -45,9 +45,7 @@ def build_manifest(
 ) -> dict:
     history = []
     if previous is not None:
-        history = list(previous.get("history", [])) + [
-            {k: v for k, v in previous.items() if k != "history"}
-        ]
+        history = list(previous.get("history", [])) + [{k: v for k, v in previous.items() if k != "history"}]
     manifest = {
         "method": method,
         "params": params,

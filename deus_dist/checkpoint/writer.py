@@ -52,11 +52,21 @@ class TensorSpec:
 
 def parse_size(text: str, option: str = "--out_shard_size") -> int:
     """``"5GB"`` -> 5_000_000_000; ``"500MiB"``, ``"1024"`` (bytes) also accepted."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     s = str(text).strip().upper().replace(" ", "")
     num = s.rstrip("KMGTIB")
-    unit = s[len(num):]
+    unit = s[len(num) :]
     try:
         value = float(num) * units[unit]
     except (ValueError, KeyError):
@@ -127,9 +137,7 @@ class ShardedWriter:
     def finish(self) -> None:
         if self._next != len(self.specs):
             raise RuntimeError(f"writer got {self._next} of {len(self.specs)} tensors")
-        weight_map = {
-            spec.name: self.shard_names[i] for i, shard in enumerate(self.shards) for spec in shard
-        }
+        weight_map = {spec.name: self.shard_names[i] for i, shard in enumerate(self.shards) for spec in shard}
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
@@ -201,8 +209,10 @@ def atomic_output_dir(final: Path, force: bool, option: str = "--out") -> Iterat
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
-            raise UserError(f"{option}: no space left on the device holding {final.parent}; "
-                            "nothing was written. Free space or choose another --out") from None
+            raise UserError(
+                f"{option}: no space left on the device holding {final.parent}; "
+                "nothing was written. Free space or choose another --out"
+            ) from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -32,7 +32,7 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         body = tree.body[0].body
-        for stmt, nxt in zip(body, body[1:]):
+        for stmt, nxt in zip(body, body[1:], strict=False):
             if (
                 isinstance(stmt, ast.AnnAssign)
                 and isinstance(stmt.target, ast.Name)
@@ -114,11 +114,15 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         doc = docs.get(f.name, "")
         help_text = doc if "Default" in doc else f"{doc} (default: {default})"
         if tp is bool:
-            parser.add_argument(f"--{f.name}", dest=f.name, action="store_const", const=True,
-                                help=help_text)
+            parser.add_argument(f"--{f.name}", dest=f.name, action="store_const", const=True, help=help_text)
             if default is not False:
-                parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_const",
-                                    const=False, help=f"Turn --{f.name} off.")
+                parser.add_argument(
+                    f"--no_{f.name}",
+                    dest=f.name,
+                    action="store_const",
+                    const=False,
+                    help=f"Turn --{f.name} off.",
+                )
             continue
         kwargs: dict[str, Any] = {"help": help_text, "metavar": f.name.upper()}
         if typing.get_origin(tp) is Literal:
@@ -152,9 +156,7 @@ def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: s
         for key, value in load_yaml(ns.pop("config")).items():
             key = str(key).replace("-", "_")
             if key not in names:
-                problems.append(
-                    f"--config: unknown key {key!r}; valid keys: {', '.join(sorted(names))}"
-                )
+                problems.append(f"--config: unknown key {key!r}; valid keys: {', '.join(sorted(names))}")
             else:
                 values[key] = (value, f"--config key {key!r}")
     for key, value in ns.items():

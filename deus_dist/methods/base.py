@@ -39,7 +39,9 @@ def get_method(name: str) -> Method:
     try:
         return _REGISTRY[name]()
     except KeyError:
-        raise UserError(f"--method: unknown method {name!r}; choose one of {', '.join(method_names())}") from None
+        raise UserError(
+            f"--method: unknown method {name!r}; choose one of {', '.join(method_names())}"
+        ) from None
 
 
 class Method(ABC):
@@ -62,6 +64,7 @@ class Method(ABC):
 
     def prepare(self, reader, arch: Architecture, plan: LayerPlan, cfg: FuseConfig) -> None:
         """Whole-model work before any block is made (calibration, shared fits); default none."""
+        return None
 
     @abstractmethod
     def new_block(self, sources: list[Block], arch: Architecture, device: torch.device) -> Block:

@@ -1,0 +1,113 @@
+"""``tools/eval_ppl.py``: perplexity of an HF checkpoint on a text source."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from deus_dist.cli.args import parse_config
+from deus_dist.configs import EvalConfig
+from deus_dist.errors import UserError
+
+DESCRIPTION = """\
+Perplexity of any HF causal LM checkpoint on a text source, streaming, in fixed windows; prints the
+tokens scored and the perplexity. Use it to compare up-scaling methods on the same data.
+
+examples:
+  python tools/eval_ppl.py --model upscaled/SmolLM2-135M-Instruct-avg-45L
+  python tools/eval_ppl.py --model DIR --data held_out.jsonl --text_field content --max_tokens 0
+"""
+
+
+def run(cfg: EvalConfig) -> dict:
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deus_dist.checkpoint.hub import resolve_model_path
+    from deus_dist.data_sources import iter_documents
+    from deus_dist.eval.perplexity import perplexity
+    from deus_dist.hf_logging import quiet_transformers
+
+    problems = []
+    if cfg.seq_len < 2:
+        problems.append(f"--seq_len must be at least 2, got {cfg.seq_len}")
+    if cfg.batch_size < 1:
+        problems.append(f"--batch_size must be at least 1, got {cfg.batch_size}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        problems.append("--device cuda: no CUDA device is visible")
+    if cfg.model is None:
+        from deus_dist.embedded import embedded_model_dir
+
+        model_dir = embedded_model_dir(progress=not cfg.quiet)
+    else:
+        model_dir = resolve_model_path(cfg.model)
+        if not (model_dir / "config.json").is_file():
+            problems.append(f"--model: {model_dir} is not an HF checkpoint directory (no config.json)")
+    if cfg.data is not None and not Path(cfg.data).exists():
+        problems.append(f"--data: {cfg.data} does not exist")
+    if problems:
+        raise UserError(problems)
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if cfg.device == "auto"
+        else cfg.device
+    )
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
+        cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
+    with quiet_transformers(cfg.quiet):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"--model: {model_dir} has no usable tokenizer ({str(e).splitlines()[0]})"
+            ) from None
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and cfg.seq_len > context:
+        raise UserError(f"--seq_len {cfg.seq_len} exceeds the model's context of {context} tokens")
+    max_tokens = cfg.max_tokens if cfg.max_tokens and cfg.max_tokens > 0 else None
+    docs = iter_documents(cfg.data, cfg.text_field)
+    with tqdm(desc="windows", unit="win", disable=cfg.quiet, file=sys.stderr) as bar:
+        result = perplexity(
+            model,
+            tokenizer,
+            docs,
+            seq_len=cfg.seq_len,
+            batch_size=cfg.batch_size,
+            max_tokens=max_tokens,
+            progress=bar.update,
+        )
+    if result.tokens == 0:
+        raise UserError(f"--data: the source has fewer than --seq_len={cfg.seq_len} tokens")
+    report = {
+        "model": str(model_dir),
+        "data": cfg.data or "embedded Wikipedia sample (held-out slice)",
+        "seq_len": cfg.seq_len,
+        "windows": result.windows,
+        "tokens": result.tokens,
+        "nll": result.nll,
+        "perplexity": result.perplexity,
+        "seconds": round(result.seconds, 2),
+    }
+    print(f"model       {report['model']}")
+    print(f"data        {report['data']}")
+    print(f"tokens      {result.tokens} scored in {result.windows} windows of {cfg.seq_len}")
+    print(f"nll/token   {result.nll:.4f}")
+    print(f"perplexity  {result.perplexity:.3f}")
+    if cfg.output_json:
+        Path(cfg.output_json).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(parse_config(EvalConfig, argv, "eval_ppl.py", DESCRIPTION))
+    except UserError as e:
+        print(f"eval_ppl.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
