@@ -20,6 +20,8 @@ setup(
         "tqdm>=4.60",
         "psutil>=5.9",
         "numpy",
+        "scipy>=1.10",  # exact assignment (linear_sum_assignment)
+        "pot==0.9.7.post1",  # emd and the reference variant's Sinkhorn
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6"],

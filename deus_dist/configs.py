@@ -15,13 +15,13 @@ class FuseConfig:
     that reach the hub. Default: the embedded SmolLM2-135M."""
     out: str | None = None
     """Output directory. Default: ./upscaled/<model>-<method>-<layers>L."""
-    method: str = "avg"
-    """How a new block is made: copy, avg, llama-pro, solar (see the README)."""
+    method: str = "opt-deus"
+    """How a new block is made: opt-deus, avg, copy, llama-pro, solar, lesa (see the README)."""
     num_new: int | None = None
     """How many new blocks. Default: L/2 (for solar: L - 2*floor(L/4))."""
     placement: Literal["top", "bottom", "middle", "top-bottom", "interleaved"] | None = None
-    """Which gaps get the new blocks. Default: the method's (top for copy/avg, interleaved for
-    llama-pro). Not used by solar."""
+    """Which gaps get the new blocks. Default: the method's (top for opt-deus/avg/copy/lesa,
+    interleaved for llama-pro). Not used by solar."""
     positions: list[int] | None = None
     """Explicit gaps K1,K2,...: one new block between base layers K and K+1 for each K
     (for copy methods K may be the last layer: a block after it). Overrides --placement."""
@@ -39,6 +39,30 @@ class FuseConfig:
     in memory. --verify forces it, --no_verify skips all checks."""
     quiet: bool = False
     """No progress bar or summary."""
+    ot_variant: Literal["aligned", "reference"] = "aligned"
+    """opt-deus: 'aligned' transports whole KV groups, query heads and MLP neurons (one plan per
+    space); 'reference' reproduces the authors' released code (per-matrix Sinkhorn, reg 0.06)."""
+    ot_solver: Literal["exact", "sinkhorn", "emd"] = "exact"
+    """opt-deus: the transport solver (exact assignment, log-domain Sinkhorn, or POT's emd)."""
+    ot_reg: float = 0.01
+    """Sinkhorn regulariser, relative to the mean cost."""
+    ot_max_iter: int = 2000
+    """Iteration cap of sinkhorn (and the floor of emd's)."""
+    ot_cost: Literal["weights", "activations"] = "weights"
+    """opt-deus: unit features from weights, or from the base model's activations on calibration
+    text (computed one layer at a time)."""
+    calib_data: str | None = None
+    """Calibration text for --ot_cost activations (a .txt/.jsonl/.json file or folder). Default: the
+    training slice of the embedded Wikipedia sample."""
+    calib_tokens: int = 2048
+    """Calibration tokens for --ot_cost activations."""
+    fuse_weight: float = 0.5
+    """opt-deus: fused = (1 - t) * aligned A + t * B, with t this value."""
+    zero_init: bool = True
+    """opt-deus and lesa: zero o_proj and down_proj of new blocks, so the up-scaled model computes
+    exactly what the base did (--no_zero_init keeps the fused values)."""
+    seed: int = 0
+    """Seed of methods that train or sample (lesa)."""
 
 
 @dataclass

@@ -84,17 +84,20 @@ def embedded_model_dir(progress: bool = True) -> Path:
         with quiet_transformers(not progress):
             loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, **kw)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-        # A fresh model without the GGUF loading state, holding the de-quantised weights.
-        config = loaded.config
+        # A fresh model without the GGUF loading state (no quantization_config: the weights are
+        # de-quantised), holding the de-quantised weights.
+        raw = loaded.config.to_dict()
+        for key in ("quantization_config", "_model_name_or_path", "_name_or_path"):
+            raw.pop(key, None)
+        config = type(loaded.config).from_dict(raw)
         config.architectures = [type(loaded).__name__]
-        config._name_or_path = MODEL_NAME
         fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         fresh.load_state_dict(loaded.state_dict())
         fresh.to(torch.bfloat16).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         loaded.generation_config.save_pretrained(tmp)
 
-    return _atomic_build(cache_dir() / MODEL_NAME, build)
+    return _atomic_build(cache_dir() / "models" / MODEL_NAME, build)
 
 
 # -- text ---------------------------------------------------------------------------------------

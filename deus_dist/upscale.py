@@ -133,6 +133,8 @@ def prepare(cfg: FuseConfig, log=print) -> Job:
             problems.append(f"--out: {out} exists and is not a directory")
     if problems:
         raise UserError(problems)
+    # Last: a method's own checks and whole-model preparation (calibration) cost the most.
+    method.prepare(reader, arch, plan, cfg, layers[0])
     return Job(
         cfg=cfg,
         model_dir=model_dir,
@@ -193,7 +195,6 @@ def write_checkpoint(job: Job, tmp: Path) -> dict:
     specs = _specs(job)
     dtype = {s.name: s.dtype for s in specs}
     writer = ShardedWriter(tmp, specs, job.max_shard_bytes)
-    job.method.prepare(job.reader, job.arch, job.plan, job.cfg)
     try:
         for name in job.global_names:
             writer.write(name, job.reader.read(name).to(dtype[name]))
@@ -201,7 +202,7 @@ def write_checkpoint(job: Job, tmp: Path) -> dict:
             for i, src in enumerate(job.plan.layers):
                 if src.new:
                     block = job.method.new_block(
-                        [_read_block(job, k) for k in src.base], job.arch, job.device
+                        [_read_block(job, k) for k in src.base], src.base, job.arch, job.device
                     )
                 else:
                     block = None  # inherited: stream tensor by tensor
@@ -245,7 +246,9 @@ def verify_checkpoint(job: Job, tmp: Path) -> list[str]:
     if job.method.function_preserving:
         size = 2 * verify.model_bytes_fp32(job.reader)
         if job.cfg.verify or verify.fits_in_memory(size):
-            diff = verify.check_logits_equal(job.model_dir, tmp, job.reader.config["vocab_size"])
+            diff = verify.check_logits_equal(
+                job.model_dir, tmp, job.reader.config["vocab_size"], out_dtype=job.out_dtype
+            )
             done.append(f"logits equal the base's (max |diff| {diff:.2g})")
         else:
             done.append(
@@ -276,6 +279,8 @@ def run(cfg: FuseConfig, log=print) -> Path:
         f"wrote {job.out}: {stats['shards']} shard(s), {stats['bytes'] / 1e9:.3f} GB, "
         f"{time.perf_counter() - start:.1f} s"
     )
+    for line in job.method.summary():
+        say(line)
     for check in checks:
         say(f"  verified: {check}")
     return job.out

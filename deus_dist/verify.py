@@ -56,21 +56,29 @@ def fits_in_memory(nbytes: int, fraction: float = 0.4) -> bool:
     return nbytes < fraction * available
 
 
-def probe_logits(model_dir: Path, input_ids: torch.Tensor) -> torch.Tensor:
+def probe_logits(
+    model_dir: Path, input_ids: torch.Tensor, round_to: torch.dtype | None = None
+) -> torch.Tensor:
+    """Float32 logits; ``round_to`` first rounds the weights to that dtype (as a conversion would)."""
     from transformers import AutoModelForCausalLM
 
     with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=round_to or torch.float32)
+    model.float().eval()
     with torch.no_grad():
         return model(input_ids=input_ids).logits
 
 
-def check_logits_equal(base_dir: Path, out_dir: Path, vocab_size: int, atol: float = 1e-4) -> float:
-    """Max |logit difference| between base and up-scaled on a fixed probe; RuntimeError above atol."""
+def check_logits_equal(
+    base_dir: Path, out_dir: Path, vocab_size: int, atol: float = 1e-4, out_dtype: torch.dtype | None = None
+) -> float:
+    """Max |logit difference| between base and up-scaled on a fixed probe; RuntimeError above atol.
+
+    With ``out_dtype`` (a --dtype conversion) the base is compared with its weights rounded the same way.
+    """
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (2, 24), generator=gen)
-    base = probe_logits(base_dir, ids)
+    base = probe_logits(base_dir, ids, round_to=out_dtype)
     out = probe_logits(out_dir, ids)
     diff = (base - out).abs().max().item()
     if not diff <= atol:

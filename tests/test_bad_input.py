@@ -159,11 +159,11 @@ def test_interrupt_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
     """Ctrl-C in the middle of writing: no output directory, no temporary directory."""
     from deus_dist.methods import avg
 
-    def interrupted(self, sources, arch, device):
+    def interrupted(self, *args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(avg.Average, "new_block", interrupted)
-    assert fuse("--model", tiny_llama, "--out", tmp_path / "out", "--quiet") == 130
+    assert fuse("--model", tiny_llama, "--out", tmp_path / "out", "--method", "avg", "--quiet") == 130
     assert leftovers(tmp_path) == []
 
 

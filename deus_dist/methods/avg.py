@@ -12,6 +12,6 @@ class Average(Method):
     name = "avg"
     pair = True
 
-    def new_block(self, sources, arch, device):
+    def new_block(self, sources, layers, arch, device):
         lower, upper = sources
         return {k: 0.5 * (lower[k] + upper[k]) for k in lower}

@@ -62,14 +62,23 @@ class Method(ABC):
             positions=cfg.positions,
         )
 
-    def prepare(self, reader, arch: Architecture, plan: LayerPlan, cfg: FuseConfig) -> None:
+    def prepare(
+        self,
+        reader,
+        arch: Architecture,
+        plan: LayerPlan,
+        cfg: FuseConfig,
+        block_suffixes: list[str] | None = None,
+    ) -> None:
         """Whole-model work before any block is made (calibration, shared fits); default none."""
         return None
 
     @abstractmethod
-    def new_block(self, sources: list[Block], arch: Architecture, device: torch.device) -> Block:
+    def new_block(
+        self, sources: list[Block], layers: tuple[int, ...], arch: Architecture, device: torch.device
+    ) -> Block:
         """The new block from its source blocks (one for copy methods, the lower and upper for
-        pair methods), as float32 tensors on ``device``."""
+        pair methods; ``layers`` are their base indices), as float32 tensors on ``device``."""
 
     def describe(self) -> dict:
         """Method settings recorded in the manifest beside the layer plan."""
@@ -78,6 +87,10 @@ class Method(ABC):
     def diagnostics(self) -> dict | None:
         """Per-block measurements recorded in the manifest under ``diagnostics`` (optional)."""
         return None
+
+    def summary(self) -> list[str]:
+        """Lines printed after writing (a diagnostics table, say); default none."""
+        return []
 
 
 def zero_outputs(block: Block, arch: Architecture) -> Block:

@@ -8,5 +8,5 @@ class Copy(Method):
     name = "copy"
     pair = False
 
-    def new_block(self, sources, arch, device):
+    def new_block(self, sources, layers, arch, device):
         return dict(sources[0])

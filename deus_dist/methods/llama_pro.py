@@ -12,5 +12,5 @@ class LlamaPro(Method):
     default_placement = "interleaved"
     function_preserving = True
 
-    def new_block(self, sources, arch, device):
+    def new_block(self, sources, layers, arch, device):
         return zero_outputs(sources[0], arch)

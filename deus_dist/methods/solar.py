@@ -19,5 +19,5 @@ class Solar(Method):
             )
         return solar_plan(num_layers, cfg.num_new)
 
-    def new_block(self, sources, arch, device):
+    def new_block(self, sources, layers, arch, device):
         return dict(sources[0])

@@ -1,0 +1,158 @@
+"""Activation features of a layer's units on calibration text, one layer in memory at a time.
+
+The base model is built with empty (meta) parameters; its embeddings and the layers needed are
+filled from the checkpoint as the calibration hidden states advance through the stack, and each
+layer goes back to meta after use. So memory is two layers plus the calibration hidden states,
+whatever the model size. Both layers of a pair are run on the same input, the hidden states
+entering the gap (the input the new block will see), so a permuted copy of a layer has exactly
+permuted activations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deus_dist.architectures import Architecture
+from deus_dist.checkpoint import CheckpointReader
+from deus_dist.errors import UserError
+
+SPACES = ("mlp", "q_heads", "kv_heads")
+
+
+class _Capture(torch.nn.Module):
+    """Stands in for a decoder layer: records the arguments the model passes it, changes nothing."""
+
+    def __init__(self, store: list):
+        super().__init__()
+        self.store = store
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.store.append((args, kwargs))
+        return hidden_states
+
+
+def calibration_tokens(model_dir, data: str | None, tokens: int, seq_len: int = 256) -> torch.Tensor:
+    """[batch, seq_len] token ids: documents tokenized, EOS appended, concatenated, cut."""
+    from transformers import AutoTokenizer
+
+    from deus_dist.data_sources import iter_documents
+    from deus_dist.hf_logging import quiet_transformers
+
+    try:
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"--ot_cost activations: --model {model_dir} has no usable tokenizer ({str(e).splitlines()[0]})"
+        ) from None
+    seq_len = min(seq_len, tokens)
+    ids: list[int] = []
+    for doc in iter_documents(data, option="--calib_data", split="train"):
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        if len(ids) >= tokens:
+            break
+    n = len(ids) // seq_len
+    if n == 0:
+        raise UserError(f"--calib_data: fewer than {seq_len} tokens of calibration text")
+    return torch.tensor(ids[: n * seq_len]).reshape(n, seq_len)
+
+
+class ActivationRunner:
+    def __init__(
+        self, reader: CheckpointReader, arch: Architecture, input_ids: torch.Tensor, device: torch.device
+    ):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from deus_dist.hf_logging import quiet_transformers
+
+        self.reader, self.arch, self.device = reader, arch, device
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(reader.path)
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        decoder = model.get_decoder()
+        prefix = arch.layer_prefix[: -len("layers.")]  # "model." for "model.layers."
+        for name, _ in list(decoder.named_parameters()):
+            if name.startswith("layers."):
+                continue
+            module_name, _, pname = name.rpartition(".")
+            module = decoder.get_submodule(module_name)
+            value = reader.read(prefix + name).to(device, torch.float32)
+            setattr(module, pname, torch.nn.Parameter(value, requires_grad=False))
+        self.layers = list(decoder.layers)
+        # One pass with stand-in layers: the hidden states entering layer 0 and the arguments
+        # (position embeddings, masks per layer type, ...) the model gives each layer.
+        store: list = []
+        decoder.layers = torch.nn.ModuleList(_Capture(store) for _ in self.layers)
+        decoder.to(device)
+        self._inputs: list[torch.Tensor] = []
+        first = decoder.layers[0]
+        first.register_forward_pre_hook(lambda m, args: self._inputs.append(args[0]))
+        with torch.no_grad():
+            decoder(input_ids=input_ids.to(device), use_cache=False)
+        self.layer_args = store
+        self.hidden = self._inputs[0]
+        self.next_layer = 0
+
+    def _run(
+        self,
+        index: int,
+        block: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        args_of: int,
+        hooks: dict[str, dict] | None = None,
+    ) -> torch.Tensor:
+        layer = self.layers[index]
+        layer.to_empty(device=self.device)
+        layer.load_state_dict({f"{s}": t for s, t in block.items()}, strict=True)
+        handles = []
+        if hooks is not None:
+            for suffix, role in self.arch.block.items():
+                if not suffix.endswith(".weight") or suffix not in block:
+                    continue
+                if role.rows in SPACES or role.cols in SPACES:
+                    module = layer.get_submodule(suffix[: -len(".weight")])
+
+                    def hook(mod, inp, out, suffix=suffix, role=role):
+                        if role.rows in SPACES:
+                            hooks[suffix] = out.reshape(-1, out.shape[-1]).T.contiguous()
+                        else:
+                            hooks[suffix] = inp[0].reshape(-1, inp[0].shape[-1])
+
+                    handles.append(module.register_forward_hook(hook))
+        args, kwargs = self.layer_args[args_of]
+        try:
+            with torch.no_grad():
+                out = layer(x, *args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+            layer.to("meta")
+        return out[0] if isinstance(out, tuple) else out
+
+    def _read(self, index: int) -> dict[str, torch.Tensor]:
+        names = {s: self.arch.layer_name(index, s) for s in self.arch.block}
+        return {
+            s: self.reader.read(n).to(self.device, torch.float32)
+            for s, n in names.items()
+            if n in self.reader
+        }
+
+    def features(self, lower: int, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]):
+        """Activation features of layers ``lower`` (weights ``a``) and ``lower + 1`` (``b``), both
+        on the hidden states entering layer ``lower + 1``."""
+        if self.next_layer > lower + 1:
+            raise RuntimeError("activation features must be requested in layer order")
+        while self.next_layer <= lower:
+            self.hidden = self._run(
+                self.next_layer, self._read(self.next_layer), self.hidden, self.next_layer
+            )
+            self.next_layer += 1
+        fa: dict[str, torch.Tensor] = {}
+        fb: dict[str, torch.Tensor] = {}
+        self._run(lower, a, self.hidden, lower + 1, fa)
+        self._run(lower + 1, b, self.hidden, lower + 1, fb)
+        return fa, fb

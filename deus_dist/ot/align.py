@@ -1,0 +1,196 @@
+"""Aligning layer A's units to layer B's, space by space, as the architecture description says.
+
+Spaces of a block (see ``deus_dist/architectures/llama.json``):
+- ``residual``: shared by all layers, never permuted;
+- ``mlp``: one transport over the intermediate neurons, shared by the tensors whose rows (gate,
+  up) or columns (down) live there, since SwiGLU pairs gate and up;
+- ``kv_heads`` / ``q_heads``: one transport over KV groups (a kv head with its H/Hkv query heads)
+  and, inside each matched pair of groups, one over the query heads. Whole heads move; dimensions
+  inside a head never do (RoPE pairs them);
+- ``head_dim``: q_norm/k_norm act on a head's dimensions and move with nothing.
+
+A unit's features are its rows (for tensors whose rows live in the space) and columns (for tensors
+whose columns do), concatenated; the same extraction serves weights and activations (for
+activations, a tensor's "rows" are the module's outputs over calibration tokens, [out, T], and its
+"columns" the module's inputs, [T, in]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from deus_dist.architectures import Architecture
+from deus_dist.ot.solvers import PlanInfo, pairwise_sq_dist, transport_plan
+
+
+@dataclass(frozen=True)
+class HeadGeometry:
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> HeadGeometry:
+        heads = config["num_attention_heads"]
+        kv = config.get("num_key_value_heads") or heads
+        hd = config.get("head_dim") or config["hidden_size"] // heads
+        return cls(heads, kv, hd)
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+
+@dataclass
+class SolverSettings:
+    solver: str = "exact"
+    reg: float = 0.01
+    max_iter: int = 2000
+
+    def plan(self, cost: torch.Tensor) -> tuple[torch.Tensor, PlanInfo]:
+        return transport_plan(cost, self.solver, self.reg, self.max_iter)
+
+
+@dataclass
+class SpaceReport:
+    """Diagnostics of one space of one fused pair."""
+
+    solver: str
+    units: int
+    seconds: float
+    matched_similarity: float
+    """Mean cosine similarity of A's units to the B units they are transported to."""
+    identity_similarity: float
+    """The same in the original (unmatched) order."""
+    sharpness: float
+    extra: dict = field(default_factory=dict)
+
+
+def unit_features(
+    tensors: dict[str, torch.Tensor], arch: Architecture, space: str, units: int
+) -> torch.Tensor:
+    """[units, F] features of a space's units from every tensor whose rows or columns live there."""
+    parts = []
+    for suffix, role in arch.block.items():
+        t = tensors.get(suffix)
+        if t is None:
+            continue
+        if role.rows == space:
+            parts.append(t.reshape(units, -1))
+        if role.cols == space:
+            out = t.shape[0]
+            parts.append(t.reshape(out, units, -1).permute(1, 0, 2).reshape(units, -1))
+    if not parts:
+        raise ValueError(f"no tensor of the {arch.family} block lives in space {space!r}")
+    return torch.cat([p.to(torch.float32) for p in parts], dim=1)
+
+
+def apply_plan(block: dict[str, torch.Tensor], arch: Architecture, space: str, plan: torch.Tensor) -> None:
+    """In place: move A's units of ``space`` to B's order (rows: P^T @ A; columns: A @ P)."""
+    n = plan.shape[0]
+    for suffix, role in arch.block.items():
+        t = block.get(suffix)
+        if t is None:
+            continue
+        if role.rows == space:
+            t = (plan.T @ t.reshape(n, -1)).reshape(t.shape)
+        if role.cols == space:
+            out = t.shape[0]
+            t = torch.einsum("oiu,ij->oju", t.reshape(out, n, -1), plan).reshape(t.shape)
+        block[suffix] = t
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a = torch.nn.functional.normalize(a, dim=1)
+    b = torch.nn.functional.normalize(b, dim=1)
+    return a @ b.T
+
+
+def _report(
+    plan: torch.Tensor, info: PlanInfo, fa: torch.Tensor, fb: torch.Tensor, seconds: float
+) -> SpaceReport:
+    cos = _cos(fa, fb)
+    n = plan.shape[0]
+    return SpaceReport(
+        solver=info.solver,
+        units=n,
+        seconds=seconds,
+        matched_similarity=float((plan * cos).sum() / n),
+        identity_similarity=float(cos.diagonal().mean()),
+        sharpness=info.sharpness,
+    )
+
+
+def mlp_plan(fa: torch.Tensor, fb: torch.Tensor, solver: SolverSettings) -> tuple[torch.Tensor, SpaceReport]:
+    plan, info = solver.plan(pairwise_sq_dist(fa, fb))
+    return plan, _report(plan, info, fa, fb, info.seconds)
+
+
+def head_plans(
+    fa_kv: torch.Tensor,
+    fb_kv: torch.Tensor,
+    fa_q: torch.Tensor,
+    fb_q: torch.Tensor,
+    geo: HeadGeometry,
+    solver: SolverSettings,
+) -> tuple[torch.Tensor, torch.Tensor, SpaceReport, SpaceReport]:
+    """Plans over KV groups [Hkv, Hkv] and over query heads [H, H] (block structure: a query head
+    goes only where its group goes, with the inner plan of that pair of groups)."""
+    r, g = geo.group, geo.kv_heads
+    cost_q = pairwise_sq_dist(fa_q, fb_q)  # [H, H]
+    inner = (
+        torch.ones(g, g, r, r, device=cost_q.device)
+        if r == 1
+        else torch.empty(g, g, r, r, device=cost_q.device)
+    )
+    group_cost = pairwise_sq_dist(fa_kv, fb_kv).clone()
+    inner_seconds = 0.0
+    for a in range(g):
+        for b in range(g):
+            sub = cost_q[a * r : (a + 1) * r, b * r : (b + 1) * r]
+            if r > 1:
+                q_plan, q_info = solver.plan(sub)
+                inner[a, b] = q_plan
+                inner_seconds += q_info.seconds
+            group_cost[a, b] += (inner[a, b] * sub).sum()
+    kv_plan, kv_info = solver.plan(group_cost)
+    # P_q[(a, i), (b, j)] = P_kv[a, b] * inner[a, b][i, j]
+    q_plan = (kv_plan[:, :, None, None] * inner).permute(0, 2, 1, 3).reshape(geo.heads, geo.heads)
+    kv_report = _report(kv_plan, kv_info, fa_kv, fb_kv, kv_info.seconds)
+    q_info = PlanInfo(solver.solver, inner_seconds, 0, q_plan.max(dim=1).values.mean().item())
+    q_report = _report(q_plan, q_info, fa_q, fb_q, inner_seconds)
+    return kv_plan, q_plan, kv_report, q_report
+
+
+def align_block(
+    a: dict[str, torch.Tensor],
+    b: dict[str, torch.Tensor],
+    arch: Architecture,
+    geo: HeadGeometry,
+    solver: SolverSettings,
+    features_a: dict[str, torch.Tensor] | None = None,
+    features_b: dict[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, SpaceReport]]:
+    """A with its units moved to B's order, and a report per space. Features default to weights."""
+    fa_src = a if features_a is None else features_a
+    fb_src = b if features_b is None else features_b
+    aligned = dict(a)
+    reports: dict[str, SpaceReport] = {}
+    m = next(t.shape[0] for s, t in a.items() if arch.block[s].rows == "mlp")
+    plan, reports["mlp"] = mlp_plan(
+        unit_features(fa_src, arch, "mlp", m), unit_features(fb_src, arch, "mlp", m), solver
+    )
+    apply_plan(aligned, arch, "mlp", plan)
+    kv_plan, q_plan, reports["kv_heads"], reports["q_heads"] = head_plans(
+        unit_features(fa_src, arch, "kv_heads", geo.kv_heads),
+        unit_features(fb_src, arch, "kv_heads", geo.kv_heads),
+        unit_features(fa_src, arch, "q_heads", geo.heads),
+        unit_features(fb_src, arch, "q_heads", geo.heads),
+        geo,
+        solver,
+    )
+    apply_plan(aligned, arch, "kv_heads", kv_plan)
+    apply_plan(aligned, arch, "q_heads", q_plan)
+    return aligned, reports
