@@ -59,8 +59,8 @@ class FuseConfig:
     fuse_weight: float = 0.5
     """opt-deus: fused = (1 - t) * aligned A + t * B, with t this value."""
     zero_init: bool = True
-    """opt-deus and lesa: zero o_proj and down_proj of new blocks, so the up-scaled model computes
-    exactly what the base did (--no_zero_init keeps the fused values)."""
+    """opt-deus: zero o_proj and down_proj of new blocks, so the up-scaled model computes exactly
+    what the base did (--no_zero_init keeps the fused values)."""
     seed: int = 0
     """Seed of methods that train or sample (lesa)."""
 

@@ -105,3 +105,57 @@ def state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def add_char_tokenizer(path: Path) -> None:
+    """A character-level tokenizer (ids < 100) so tiny models can read real text."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1}
+    vocab.update({chr(c): c - 30 for c in range(32, 127)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>").save_pretrained(path)
+
+
+def permutation_of_layer(model, src: int, dst: int, seed: int = 0) -> None:
+    """Make layer ``dst`` a copy of layer ``src`` with its KV groups, query heads within groups
+    and MLP neurons permuted (the same function, units in another order)."""
+    cfg = model.config
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    r = H // Hkv
+    g = torch.Generator().manual_seed(seed)
+    groups = torch.randperm(Hkv, generator=g)
+    q_heads = torch.cat([groups[j] * r + torch.randperm(r, generator=g) for j in range(Hkv)])
+    neurons = torch.randperm(cfg.intermediate_size, generator=g)
+
+    def rows(t, order, unit):
+        return t.reshape(len(order), unit, *t.shape[1:])[order].reshape(t.shape)
+
+    A, B = model.model.layers[src], model.model.layers[dst]
+    with torch.no_grad():
+        for name, p in A.state_dict().items():
+            t = p.clone()
+            if name.startswith(("self_attn.q_proj",)):
+                t = rows(t, q_heads, hd)
+            elif name.startswith(("self_attn.k_proj", "self_attn.v_proj")):
+                t = rows(t, groups, hd)
+            elif name == "self_attn.o_proj.weight":
+                t = rows(t.T, q_heads, hd).T
+            elif name.startswith(("mlp.gate_proj", "mlp.up_proj")):
+                t = rows(t, neurons, 1)
+            elif name == "mlp.down_proj.weight":
+                t = rows(t.T, neurons, 1).T
+            B.get_parameter(name).copy_(t)
+
+
+def layer_outputs(model, layer, hidden: torch.Tensor) -> torch.Tensor:
+    """Output of one decoder layer module of ``model``'s family on ``hidden`` [batch, seq, d]."""
+    pos = torch.arange(hidden.shape[1])[None].expand(hidden.shape[0], -1)
+    rotary = model.model.rotary_emb
+    with torch.no_grad():
+        emb = rotary(hidden, pos)
+        out = layer(hidden, attention_mask=None, position_embeddings=emb, position_ids=pos)
+    return out[0] if isinstance(out, tuple) else out

@@ -1,4 +1,4 @@
-"""The real SmolLM2-135M (embedded default) end to end: 30 -> 45 layers, perplexity, evaluation."""
+"""The real SmolLM2-135M (embedded default) end to end: 30 -> 45 layers with every main method."""
 
 from __future__ import annotations
 
@@ -9,46 +9,77 @@ import pytest
 from conftest import fuse, load_manifest
 
 pytestmark = pytest.mark.slow
+PPL_ARGS = ["--max_tokens", "1024", "--seq_len", "256"]
 
 
 def ppl(capsys, *args) -> float:
     from deus_dist.cli.eval_ppl import main
 
     capsys.readouterr()
-    assert main([str(a) for a in args] + ["--quiet"]) == 0
+    assert main([str(a) for a in args] + PPL_ARGS + ["--quiet"]) == 0
     out = capsys.readouterr().out
     return float(out.split("perplexity")[1].split()[0])
 
 
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    """The README's main job: no --model, no --method."""
-    out = tmp_path_factory.mktemp("smol") / "out"
-    assert fuse("--out", out) == 0
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("smol")
+
+
+@pytest.fixture(scope="module")
+def default_run(work):
+    """The README's main job: no --model, no --method (opt-deus, aligned, exact, weight costs)."""
+    out = work / "default"
+    assert fuse("--out", out, "--verify") == 0  # verify: keys, shapes and logits equal the base's
     return out
 
 
 def test_default_run_upscales_30_to_45(default_run, smollm2_dir):
     m = load_manifest(default_run)
+    assert m["method"] == "opt-deus" and m["params"]["ot_variant"] == "aligned"
     assert m["num_layers_before"] == 30 and m["num_layers_after"] == 45
     assert m["new_layers"] == list(range(15, 45, 2))
     assert m["layers"][15]["source"] == {"pair": [14, 15]}
     assert m["base_model"] == str(smollm2_dir) and m["base_config_hash"].startswith("sha256:")
+    assert len(m["diagnostics"]) == 15
+    mlp = m["diagnostics"]["20-21"]["mlp"]
+    # real adjacent layers: matching finds similar neurons where the identity order finds none
+    assert mlp["units"] == 1536 and mlp["matched_similarity"] > 0.05 > abs(mlp["identity_similarity"])
     cfg = json.loads((default_run / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 45 and cfg["tie_word_embeddings"] is True
+    assert "quantization_config" not in cfg
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
         assert (default_run / name).exists(), name
 
 
-def test_llama_pro_keeps_perplexity_and_avg_does_not(default_run, smollm2_dir, tmp_path, capsys):
-    out = tmp_path / "lp"
-    assert fuse("--model", smollm2_dir, "--out", out, "--method", "llama-pro", "--verify", "--quiet") == 0
-    assert load_manifest(out)["new_layers"] == list(range(2, 45, 3))
-    args = ["--max_tokens", "1024", "--seq_len", "256"]
-    base = ppl(capsys, "--model", smollm2_dir, *args)
+def test_reference_variant(work, smollm2_dir):
+    out = work / "reference"
+    assert fuse("--model", smollm2_dir, "--out", out, "--ot_variant", "reference", "--verify", "--quiet") == 0
+    m = load_manifest(out)
+    assert m["params"]["ot_variant"] == "reference" and len(m["diagnostics"]) == 15
+    q = m["diagnostics"]["14-15"]["self_attn.q_proj.weight"]
+    # float32 on real weights: the kernel underflows and the plan carries no mass (DESIGN.md 2)
+    assert q["numerical_warning"] and q["plan_mass"] < 1e-3
+
+
+def test_lesa(work, smollm2_dir):
+    out = work / "lesa"
+    assert fuse("--model", smollm2_dir, "--out", out, "--method", "lesa", "--quiet") == 0
+    m = load_manifest(out)
+    assert m["num_layers_after"] == 45 and len(m["diagnostics"]["fit_loss"]) == 7
+
+
+def test_perplexity_of_the_methods(default_run, smollm2_dir, work, capsys):
+    lp = work / "llama-pro"
+    assert fuse("--model", smollm2_dir, "--out", lp, "--method", "llama-pro", "--quiet") == 0
+    assert load_manifest(lp)["new_layers"] == list(range(2, 45, 3))
+    avg = work / "avg"
+    assert fuse("--model", smollm2_dir, "--out", avg, "--method", "avg", "--quiet") == 0
+    base = ppl(capsys, "--model", smollm2_dir)
     assert 5 < base < 60  # a real model on real text
-    assert ppl(capsys, "--model", out, *args) == pytest.approx(base, rel=1e-4)
-    assert ppl(capsys, "--model", default_run, *args) > 1.2 * base  # plain averaging hurts
+    assert ppl(capsys, "--model", default_run) == pytest.approx(base, rel=1e-4)
+    assert ppl(capsys, "--model", lp) == pytest.approx(base, rel=1e-4)
+    assert ppl(capsys, "--model", avg) > 1.2 * base  # plain averaging without zero-init hurts
 
 
 def test_eval_ppl_bad_input(tmp_path, capsys, smollm2_dir):
