@@ -99,12 +99,12 @@ def blocks(path, layers):
     return arch, out
 
 
-@pytest.mark.parametrize("solver", ["exact", "sinkhorn", "emd"])
+@pytest.mark.parametrize("solver", ["knn", "exact", "sinkhorn", "emd"])
 def test_identical_pair_gives_the_layer_back(tmp_path, solver):
     path = make_tiny(tmp_path / "base", "llama")
     arch, (a,) = blocks(path, [1])
     geo = HeadGeometry.from_config(json.loads((path / "config.json").read_text()))
-    aligned, reports = align_block(a, copy.deepcopy(a), arch, geo, SolverSettings(solver, reg=0.001))
+    aligned, reports = align_block(a, copy.deepcopy(a), arch, geo, SolverSettings(solver, reg=0.001, knn=4))
     for s in a:
         torch.testing.assert_close(aligned[s], a[s], atol=1e-4, rtol=1e-4)
     assert all(r.sharpness > 0.99 for r in reports.values())

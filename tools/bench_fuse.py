@@ -6,7 +6,7 @@ d=2048, m=8192, 32 heads, 8 kv heads, vocab 128256, untied: 3.0 GB in 4 shards),
 this one script and interleaved, each run as its own process:
   - mergekit-yaml passthrough, SOLAR-style slices [0,12) + [4,16) (the reference; install it with
     `bash tools/install.sh bench`, it is never imported by deus_dist),
-  - our `solar` (the same layout) and `llama-pro` (16 -> 24),
+  - our `solar` (the same layout), `llama-pro` and `opt-deus` (16 -> 24),
 printing the median wall time and peak RSS of each and the ratios to mergekit. Ours runs with
 --no_verify (mergekit verifies nothing; the verification is timed separately once).
 
@@ -111,7 +111,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/deus_bench", help="where the input and outputs go")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--methods", default="solar,llama-pro", help="our methods to time")
+    ap.add_argument("--methods", default="solar,llama-pro,opt-deus", help="our methods to time")
     ap.add_argument("--skip_mergekit", action="store_true")
     ap.add_argument("--_build", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -179,6 +179,15 @@ def main() -> None:
         for name in ("model.layers.12.mlp.down_proj.weight", "model.layers.23.self_attn.q_proj.weight"):
             assert ours.read(name).equal(ref.read(name)), name
         print("solar output equals mergekit's passthrough output (names; sampled tensors)")
+
+    opt = work / "out-opt-deus" / "deus_manifest.json"
+    if "deus-dist opt-deus" in runs and opt.exists():
+        diag = json.loads(opt.read_text())["diagnostics"]
+        print("\nopt-deus per-pair solver seconds (last run):")
+        print(f"{'pair':>6s} " + " ".join(f"{s:>9s}" for s in ("mlp", "kv_heads", "q_heads")) + "  units(mlp)")
+        for pair, spaces in diag.items():
+            print(f"{pair:>6s} " + " ".join(f"{spaces[s]['seconds']:9.2f}" for s in ("mlp", "kv_heads", "q_heads"))
+                  + f"  {spaces['mlp']['units']}")
 
     verify_cmd = runs[next(k for k in runs if k.startswith("deus-dist"))][:-1]
     verify_wall, verify_rss = timed(verify_cmd)

@@ -28,6 +28,8 @@ class OptDeus(Method):
             problems.append(f"--fuse_weight must be in [0, 1], got {cfg.fuse_weight}")
         if cfg.ot_reg <= 0:
             problems.append(f"--ot_reg must be positive, got {cfg.ot_reg}")
+        if cfg.ot_knn < 1:
+            problems.append(f"--ot_knn must be at least 1, got {cfg.ot_knn}")
         if cfg.ot_max_iter < 1:
             problems.append(f"--ot_max_iter must be at least 1, got {cfg.ot_max_iter}")
         if cfg.ot_cost == "activations" and cfg.calib_tokens < 16:
@@ -44,7 +46,7 @@ class OptDeus(Method):
         self.cfg = cfg
         self.arch = arch
         self.geo = HeadGeometry.from_config(reader.config)
-        self.solver = SolverSettings(cfg.ot_solver, cfg.ot_reg, cfg.ot_max_iter)
+        self.solver = SolverSettings(cfg.ot_solver, cfg.ot_reg, cfg.ot_max_iter, cfg.ot_knn)
         self.function_preserving = cfg.zero_init
         self._diagnostics: dict[str, dict] = {}
         self.runner = None
@@ -94,6 +96,8 @@ class OptDeus(Method):
         }
         if c.ot_solver == "sinkhorn":
             out.update(ot_reg=c.ot_reg, ot_max_iter=c.ot_max_iter)
+        if c.ot_solver == "knn":
+            out.update(ot_knn=c.ot_knn)
         if c.ot_cost == "activations":
             out.update(
                 calib_data=c.calib_data or "embedded Wikipedia sample (train slice)",

@@ -45,12 +45,13 @@ class HeadGeometry:
 
 @dataclass
 class SolverSettings:
-    solver: str = "exact"
+    solver: str = "knn"
     reg: float = 0.01
     max_iter: int = 2000
+    knn: int = 128
 
     def plan(self, cost: torch.Tensor) -> tuple[torch.Tensor, PlanInfo]:
-        return transport_plan(cost, self.solver, self.reg, self.max_iter)
+        return transport_plan(cost, self.solver, self.reg, self.max_iter, knn=self.knn)
 
 
 @dataclass
@@ -87,31 +88,50 @@ def unit_features(
     return torch.cat([p.to(torch.float32) for p in parts], dim=1)
 
 
+def as_permutation(plan: torch.Tensor) -> torch.Tensor | None:
+    """``src`` with P[src[j], j] = 1 if P is a permutation matrix, else None."""
+    src = plan.argmax(dim=0)
+    ones = plan[src, torch.arange(plan.shape[1], device=plan.device)]
+    if bool((ones == 1).all()) and float(plan.sum()) == plan.shape[0]:
+        return src
+    return None
+
+
 def apply_plan(block: dict[str, torch.Tensor], arch: Architecture, space: str, plan: torch.Tensor) -> None:
-    """In place: move A's units of ``space`` to B's order (rows: P^T @ A; columns: A @ P)."""
+    """In place: move A's units of ``space`` to B's order (rows: P^T @ A; columns: A @ P).
+
+    A permutation plan (exact, knn, emd) is applied by indexing, which costs nothing next to the
+    dense products a soft plan needs (as many flops as computing the cost itself).
+    """
     n = plan.shape[0]
+    src = as_permutation(plan)
     for suffix, role in arch.block.items():
         t = block.get(suffix)
         if t is None:
             continue
         if role.rows == space:
-            t = (plan.T @ t.reshape(n, -1)).reshape(t.shape)
+            rows = t.reshape(n, -1)
+            t = (rows[src] if src is not None else plan.T @ rows).reshape(t.shape)
         if role.cols == space:
-            out = t.shape[0]
-            t = torch.einsum("oiu,ij->oju", t.reshape(out, n, -1), plan).reshape(t.shape)
+            cols = t.reshape(t.shape[0], n, -1)
+            if src is not None:
+                t = cols[:, src].reshape(t.shape)
+            else:
+                t = torch.einsum("oiu,ij->oju", cols, plan).reshape(t.shape)
         block[suffix] = t
 
 
-def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a = torch.nn.functional.normalize(a, dim=1)
-    b = torch.nn.functional.normalize(b, dim=1)
-    return a @ b.T
+def _cos_from_sq_dist(sq_dist: torch.Tensor, fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities from squared distances (no second n x n x F product)."""
+    na, nb = (fa.float() ** 2).sum(1), (fb.float() ** 2).sum(1)
+    dot = 0.5 * (na[:, None] + nb[None, :] - sq_dist)
+    return dot / (na.sqrt()[:, None] * nb.sqrt()[None, :]).clamp_min(1e-30)
 
 
 def _report(
-    plan: torch.Tensor, info: PlanInfo, fa: torch.Tensor, fb: torch.Tensor, seconds: float
+    plan: torch.Tensor, info: PlanInfo, cost: torch.Tensor, fa: torch.Tensor, fb: torch.Tensor, seconds: float
 ) -> SpaceReport:
-    cos = _cos(fa, fb)
+    cos = _cos_from_sq_dist(cost, fa, fb)
     n = plan.shape[0]
     return SpaceReport(
         solver=info.solver,
@@ -124,8 +144,9 @@ def _report(
 
 
 def mlp_plan(fa: torch.Tensor, fb: torch.Tensor, solver: SolverSettings) -> tuple[torch.Tensor, SpaceReport]:
-    plan, info = solver.plan(pairwise_sq_dist(fa, fb))
-    return plan, _report(plan, info, fa, fb, info.seconds)
+    cost = pairwise_sq_dist(fa, fb)
+    plan, info = solver.plan(cost)
+    return plan, _report(plan, info, cost, fa, fb, info.seconds)
 
 
 def head_plans(
@@ -145,7 +166,8 @@ def head_plans(
         if r == 1
         else torch.empty(g, g, r, r, device=cost_q.device)
     )
-    group_cost = pairwise_sq_dist(fa_kv, fb_kv).clone()
+    kv_cost = pairwise_sq_dist(fa_kv, fb_kv)
+    group_cost = kv_cost.clone()
     inner_seconds = 0.0
     for a in range(g):
         for b in range(g):
@@ -158,9 +180,9 @@ def head_plans(
     kv_plan, kv_info = solver.plan(group_cost)
     # P_q[(a, i), (b, j)] = P_kv[a, b] * inner[a, b][i, j]
     q_plan = (kv_plan[:, :, None, None] * inner).permute(0, 2, 1, 3).reshape(geo.heads, geo.heads)
-    kv_report = _report(kv_plan, kv_info, fa_kv, fb_kv, kv_info.seconds)
+    kv_report = _report(kv_plan, kv_info, kv_cost, fa_kv, fb_kv, kv_info.seconds)
     q_info = PlanInfo(solver.solver, inner_seconds, 0, q_plan.max(dim=1).values.mean().item())
-    q_report = _report(q_plan, q_info, fa_q, fb_q, inner_seconds)
+    q_report = _report(q_plan, q_info, cost_q, fa_q, fb_q, inner_seconds)
     return kv_plan, q_plan, kv_report, q_report
 
 
