@@ -42,10 +42,10 @@ class FuseConfig:
     ot_variant: Literal["aligned", "reference"] = "aligned"
     """opt-deus: 'aligned' transports whole KV groups, query heads and MLP neurons (one plan per
     space); 'reference' reproduces the authors' released code (per-matrix Sinkhorn, reg 0.06)."""
-    ot_solver: Literal["knn", "exact", "sinkhorn", "emd"] = "knn"
-    """opt-deus: the transport solver: knn (assignment on each unit's --ot_knn nearest candidates;
-    within 0.01% of the optimum, 20x faster than exact at 8192 units), exact (dense assignment),
-    sinkhorn (log-domain entropic), or emd (POT's network simplex)."""
+    ot_solver: Literal["exact", "knn", "sinkhorn", "emd"] = "exact"
+    """opt-deus: the transport solver: exact (dense assignment), knn (assignment on each unit's
+    --ot_knn nearest candidates: 15-20x faster on well-spread costs, but its sparse solver can stall
+    on near-uniform costs), sinkhorn (log-domain entropic), or emd (POT's network simplex)."""
     ot_knn: int = 128
     """Candidates per unit for --ot_solver knn (exact when 2 * ot_knn >= units)."""
     ot_reg: float = 0.01

@@ -184,10 +184,15 @@ def main() -> None:
     if "deus-dist opt-deus" in runs and opt.exists():
         diag = json.loads(opt.read_text())["diagnostics"]
         print("\nopt-deus per-pair solver seconds (last run):")
-        print(f"{'pair':>6s} " + " ".join(f"{s:>9s}" for s in ("mlp", "kv_heads", "q_heads")) + "  units(mlp)")
+        print(
+            f"{'pair':>6s} " + " ".join(f"{s:>9s}" for s in ("mlp", "kv_heads", "q_heads")) + "  units(mlp)"
+        )
         for pair, spaces in diag.items():
-            print(f"{pair:>6s} " + " ".join(f"{spaces[s]['seconds']:9.2f}" for s in ("mlp", "kv_heads", "q_heads"))
-                  + f"  {spaces['mlp']['units']}")
+            print(
+                f"{pair:>6s} "
+                + " ".join(f"{spaces[s]['seconds']:9.2f}" for s in ("mlp", "kv_heads", "q_heads"))
+                + f"  {spaces['mlp']['units']}"
+            )
 
     verify_cmd = runs[next(k for k in runs if k.startswith("deus-dist"))][:-1]
     verify_wall, verify_rss = timed(verify_cmd)

@@ -45,7 +45,7 @@ class HeadGeometry:
 
 @dataclass
 class SolverSettings:
-    solver: str = "knn"
+    solver: str = "exact"
     reg: float = 0.01
     max_iter: int = 2000
     knn: int = 128
