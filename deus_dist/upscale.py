@@ -90,7 +90,7 @@ def _default_out(model_dir: Path, method: str, layers: int) -> Path:
     return Path("upscaled") / f"{model_dir.name}-{method}-{layers}L"
 
 
-def prepare(cfg: FuseConfig, log=print) -> Job:
+def prepare(cfg: FuseConfig) -> Job:
     """Validate every option against the input and resolve the plan; one UserError lists all problems."""
     problems: list[str] = []
 
@@ -190,9 +190,9 @@ def _progress(total: int, quiet: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="layer", disable=quiet, file=sys.stderr, dynamic_ncols=True)
 
 
-def write_checkpoint(job: Job, tmp: Path) -> dict:
-    """Stream the up-scaled weights, config, tokenizer files and manifest into ``tmp``."""
-    specs = _specs(job)
+def write_checkpoint(job: Job, tmp: Path, specs: list[TensorSpec]) -> dict:
+    """Stream the up-scaled weights (laid out as ``specs``), config, tokenizer files and manifest
+    into ``tmp``."""
     dtype = {s.name: s.dtype for s in specs}
     writer = ShardedWriter(tmp, specs, job.max_shard_bytes)
     try:
@@ -259,9 +259,9 @@ def verify_checkpoint(job: Job, tmp: Path) -> list[str]:
 
 def run(cfg: FuseConfig, log=print) -> Path:
     """Validate, write into a temporary directory, verify, rename. Returns the output path."""
-    job = prepare(cfg, log)
-    specs_bytes = sum(s.nbytes for s in _specs(job))
-    _check_disk(job.out, specs_bytes)
+    job = prepare(cfg)
+    specs = _specs(job)
+    _check_disk(job.out, sum(s.nbytes for s in specs))
     say = (lambda *a: None) if cfg.quiet else log
     plan = job.plan
     say(
@@ -271,7 +271,7 @@ def run(cfg: FuseConfig, log=print) -> Path:
     start = time.perf_counter()
     try:
         with atomic_output_dir(job.out, cfg.force) as tmp:
-            stats = write_checkpoint(job, tmp)
+            stats = write_checkpoint(job, tmp, specs)
             checks = verify_checkpoint(job, tmp)
     finally:
         job.reader.close()

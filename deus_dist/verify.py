@@ -36,9 +36,8 @@ def check_keys_and_shapes(model_dir: Path) -> None:
             f"written checkpoint does not match {type(model).__name__}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
         )
-    if config.num_hidden_layers != len(
-        getattr(config, "layer_types", None) or [0] * config.num_hidden_layers
-    ):
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and len(layer_types) != config.num_hidden_layers:
         raise RuntimeError("written config: layer_types does not have num_hidden_layers entries")
 
 
