@@ -159,3 +159,13 @@ def layer_outputs(model, layer, hidden: torch.Tensor) -> torch.Tensor:
         emb = rotary(hidden, pos)
         out = layer(hidden, attention_mask=None, position_embeddings=emb, position_ids=pos)
     return out[0] if isinstance(out, tuple) else out
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests are skipped where no CUDA device is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

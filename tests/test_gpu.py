@@ -1,0 +1,43 @@
+"""GPU paths (skipped without CUDA): the same results on the device as on the CPU."""
+
+import pytest
+import torch
+
+from conftest import fuse, make_tiny, state_dict
+from deus_dist.ot.solvers import pairwise_sq_dist, transport_plan
+
+pytestmark = pytest.mark.gpu
+
+
+def test_sinkhorn_on_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(512, 64, generator=g)
+    cost = pairwise_sq_dist(a, a[torch.randperm(512, generator=g)])
+    cpu, _ = transport_plan(cost, "sinkhorn", reg=0.005)
+    gpu, _ = transport_plan(cost.cuda(), "sinkhorn", reg=0.005)
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("solver", ["exact", "sinkhorn"])
+def test_fuse_on_cuda_matches_cpu(tmp_path, solver):
+    base = make_tiny(tmp_path / "base", "llama")
+    for device in ("cpu", "cuda"):
+        assert (
+            fuse(
+                "--model",
+                base,
+                "--out",
+                tmp_path / device,
+                "--device",
+                device,
+                "--ot_solver",
+                solver,
+                "--ot_reg",
+                "0.005",
+                "--quiet",
+            )
+            == 0
+        )
+    a, b = state_dict(tmp_path / "cpu"), state_dict(tmp_path / "cuda")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-4)
