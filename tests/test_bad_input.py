@@ -167,13 +167,15 @@ def test_interrupt_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
     assert leftovers(tmp_path) == []
 
 
-def test_killed_process_leaves_no_finished_output(tmp_path):
-    """SIGKILL while writing or verifying: the final directory never appears; a later run cleans up."""
+def start_and_catch_writing(tmp_path):
+    """Start the tool in a subprocess on a model big enough to catch it while it writes (or
+    verifies); returns once a shard exists in its temporary directory."""
     base = make_tiny(tmp_path / "base", hidden_size=256, intermediate_size=1024, num_hidden_layers=8)
     out = tmp_path / "out"
+    tool = str(REPO / "tools" / "fuse_layers.py")
     cmd = [
         sys.executable,
-        str(REPO / "tools" / "fuse_layers.py"),
+        tool,
         "--model",
         str(base),
         "--out",
@@ -188,6 +190,12 @@ def test_killed_process_leaves_no_finished_output(tmp_path):
     while time.time() < deadline and not list(tmp_path.glob(".out.partial-*/model-*.safetensors")):
         assert proc.poll() is None, "finished before it could be interrupted"
         time.sleep(0.005)
+    return proc, base, out
+
+
+def test_killed_process_leaves_no_finished_output(tmp_path):
+    """SIGKILL while writing or verifying: the final directory never appears; a later run cleans up."""
+    proc, base, out = start_and_catch_writing(tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists()
@@ -197,25 +205,8 @@ def test_killed_process_leaves_no_finished_output(tmp_path):
 
 
 def test_sigterm_cleans_up(tmp_path):
-    base = make_tiny(tmp_path / "base", hidden_size=256, intermediate_size=1024, num_hidden_layers=8)
-    out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        str(REPO / "tools" / "fuse_layers.py"),
-        "--model",
-        str(base),
-        "--out",
-        str(out),
-        "--method",
-        "llama-pro",
-        "--verify",
-        "--quiet",
-    ]
-    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob(".out.partial-*/model-*.safetensors")):
-        assert proc.poll() is None, "finished before it could be interrupted"
-        time.sleep(0.005)
+    """SIGTERM (SLURM preemption, say) unwinds like Ctrl-C: nothing left behind."""
+    proc, _, out = start_and_catch_writing(tmp_path)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) != 0
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))

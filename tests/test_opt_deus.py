@@ -39,6 +39,11 @@ def permuted_base(tmp_path, shape: str):
     return path, model
 
 
+def fuse_pair(base, out, *options) -> int:
+    """Fuse base layers K and K+1 into one new block, keeping its fused o/down (no zero-init)."""
+    return fuse("--model", base, "--out", out, "--positions", K, "--no_zero_init", "--quiet", *options)
+
+
 def new_block_matches_a(base_model, out_dir) -> float:
     out = AutoModelForCausalLM.from_pretrained(out_dir).eval()
     hidden = torch.randn(2, 12, base_model.config.hidden_size, generator=torch.Generator().manual_seed(3))
@@ -60,25 +65,7 @@ def test_permuted_copy_is_recovered(tmp_path, shape, cost):
         atol=1e-5,
     )
     out = tmp_path / "fused"
-    assert (
-        fuse(
-            "--model",
-            base,
-            "--out",
-            out,
-            "--positions",
-            K,
-            "--ot_solver",
-            "exact",
-            "--ot_cost",
-            cost,
-            "--calib_tokens",
-            "256",
-            "--no_zero_init",
-            "--quiet",
-        )
-        == 0
-    )
+    assert fuse_pair(base, out, "--ot_solver", "exact", "--ot_cost", cost, "--calib_tokens", "256") == 0
     assert new_block_matches_a(model, out) < 1e-4
     diag = load_manifest(out)["diagnostics"][f"{K}-{K + 1}"]
     for space in ("mlp", "kv_heads", "q_heads"):
@@ -149,23 +136,7 @@ def test_zero_init_keeps_logits(tmp_path, family):
 def test_sinkhorn_with_small_reg_approaches_exact(tmp_path):
     base, model = permuted_base(tmp_path, "llama-gqa")
     out = tmp_path / "sk"
-    assert (
-        fuse(
-            "--model",
-            base,
-            "--out",
-            out,
-            "--positions",
-            K,
-            "--ot_solver",
-            "sinkhorn",
-            "--ot_reg",
-            "0.002",
-            "--no_zero_init",
-            "--quiet",
-        )
-        == 0
-    )
+    assert fuse_pair(base, out, "--ot_solver", "sinkhorn", "--ot_reg", "0.002") == 0
     diag = load_manifest(out)["diagnostics"][f"{K}-{K + 1}"]
     assert all(diag[s]["sharpness"] > 0.95 for s in ("mlp", "kv_heads", "q_heads"))
     assert new_block_matches_a(model, out) < 1e-2
