@@ -25,6 +25,7 @@ from deus_dist.checkpoint import (
     atomic_output_dir,
     copy_aux_files,
 )
+from deus_dist.checkpoint.blocks import read_block
 from deus_dist.checkpoint.hf_config import config_hash, resolved_per_layer_lists, rewrite_config
 from deus_dist.checkpoint.hub import resolve_model_path
 from deus_dist.checkpoint.manifest import build_manifest, read_manifest, write_manifest
@@ -177,13 +178,6 @@ def _check_disk(out: Path, nbytes: int) -> None:
         )
 
 
-def _read_block(job: Job, layer: int) -> dict[str, torch.Tensor]:
-    return {
-        s: job.reader.read(job.arch.layer_name(layer, s)).to(job.device, torch.float32)
-        for s in job.block_suffixes
-    }
-
-
 def _progress(total: int, quiet: bool, desc: str):
     from tqdm import tqdm
 
@@ -202,7 +196,10 @@ def write_checkpoint(job: Job, tmp: Path, specs: list[TensorSpec]) -> dict:
             for i, src in enumerate(job.plan.layers):
                 if src.new:
                     block = job.method.new_block(
-                        [_read_block(job, k) for k in src.base], src.base, job.arch, job.device
+                        [read_block(job.reader, job.arch, k, job.device) for k in src.base],
+                        src.base,
+                        job.arch,
+                        job.device,
                     )
                 else:
                     block = None  # inherited: stream tensor by tensor

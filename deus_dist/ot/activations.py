@@ -14,6 +14,7 @@ import torch
 
 from deus_dist.architectures import Architecture
 from deus_dist.checkpoint import CheckpointReader
+from deus_dist.checkpoint.blocks import read_block
 from deus_dist.errors import UserError
 
 SPACES = ("mlp", "q_heads", "kv_heads")
@@ -27,7 +28,7 @@ class _Capture(torch.nn.Module):
         self.store = store
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.store.append((args, kwargs))
+        self.store.append((hidden_states, args, kwargs))
         return hidden_states
 
 
@@ -88,13 +89,10 @@ class ActivationRunner:
         store: list = []
         decoder.layers = torch.nn.ModuleList(_Capture(store) for _ in self.layers)
         decoder.to(device)
-        self._inputs: list[torch.Tensor] = []
-        first = decoder.layers[0]
-        first.register_forward_pre_hook(lambda m, args: self._inputs.append(args[0]))
         with torch.no_grad():
             decoder(input_ids=input_ids.to(device), use_cache=False)
-        self.layer_args = store
-        self.hidden = self._inputs[0]
+        self.hidden = store[0][0]
+        self.layer_args = [(args, kwargs) for _, args, kwargs in store]
         self.next_layer = 0
 
     def _run(
@@ -107,7 +105,7 @@ class ActivationRunner:
     ) -> torch.Tensor:
         layer = self.layers[index]
         layer.to_empty(device=self.device)
-        layer.load_state_dict({f"{s}": t for s, t in block.items()}, strict=True)
+        layer.load_state_dict(block, strict=True)
         handles = []
         if hooks is not None:
             for suffix, role in self.arch.block.items():
@@ -133,14 +131,6 @@ class ActivationRunner:
             layer.to("meta")
         return out[0] if isinstance(out, tuple) else out
 
-    def _read(self, index: int) -> dict[str, torch.Tensor]:
-        names = {s: self.arch.layer_name(index, s) for s in self.arch.block}
-        return {
-            s: self.reader.read(n).to(self.device, torch.float32)
-            for s, n in names.items()
-            if n in self.reader
-        }
-
     def features(self, lower: int, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]):
         """Activation features of layers ``lower`` (weights ``a``) and ``lower + 1`` (``b``), both
         on the hidden states entering layer ``lower + 1``."""
@@ -148,7 +138,10 @@ class ActivationRunner:
             raise RuntimeError("activation features must be requested in layer order")
         while self.next_layer <= lower:
             self.hidden = self._run(
-                self.next_layer, self._read(self.next_layer), self.hidden, self.next_layer
+                self.next_layer,
+                read_block(self.reader, self.arch, self.next_layer, self.device),
+                self.hidden,
+                self.next_layer,
             )
             self.next_layer += 1
         fa: dict[str, torch.Tensor] = {}
