@@ -22,9 +22,13 @@ setup(
         "numpy",
         "scipy>=1.10",  # exact assignment (linear_sum_assignment)
         "pot==0.9.7.post1",  # emd and the reference variant's Sinkhorn
+        # training: the measured stack (DESIGN.md section 5); the checkpoint layout is DeepSpeed's
+        "deepspeed>=0.19.8,<0.20",
+        "datasets>=3.0",
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6"],
+        "tensorboard": ["tensorboard>=2.15"],  # optional: metrics also go to RUN_DIR/tensorboard
         # mergekit is an external reference for tools/bench_fuse.py only (LGPL: never imported
         # by deus_dist).
         "bench": ["mergekit==0.1.5"],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 
@@ -95,3 +95,83 @@ class EvalConfig:
     """Also write the result as JSON to this file."""
     quiet: bool = False
     """No progress bar."""
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``launchers/cpt.py`` (continual pre-training of the inserted layers)."""
+
+    ds_config: str | None = None
+    """DeepSpeed JSON (ds_configs/zero3.json on GPUs, zero3_cpu.json on CPU). Its "auto" values
+    are filled from the options below; explicit values must agree with them. Default:
+    ds_configs/zero3.json when a GPU is visible, else ds_configs/zero3_cpu.json."""
+    model: str | None = None
+    """Up-scaled checkpoint (an HF directory with deus_manifest.json, or a hub name). Default: the
+    embedded SmolLM2-135M up-scaled by tools/fuse_layers.py's defaults (made first if missing)."""
+    data: str | None = None
+    """Training text: a local .json/.jsonl/.parquet/.txt/.csv file or a folder of them, or a hub
+    dataset name. Default: the training slice of the embedded Wikipedia sample."""
+    text_field: str = "text"
+    """Column holding the text."""
+    eval_data: str | None = None
+    """Held-out text (same forms as --data). Default: the held-out slice of the embedded sample for
+    the default data, else --eval_fraction of --data's documents."""
+    eval_fraction: float = 0.02
+    """Share of --data's documents held out for evaluation when --eval_data is not given."""
+    output_dir: str = "runs/cpt"
+    """Run directory: metrics.jsonl, checkpoints/, final/ (the exported HF checkpoint)."""
+    data_cache: str | None = None
+    """Where the tokenized, packed data is cached. Default: OUTPUT_DIR/data_cache."""
+    seq_len: int = 2048
+    """Tokens per packed training sequence (documents joined with EOS, then cut)."""
+    micro_batch: int = 4
+    """Sequences per rank per forward pass. Global batch = micro_batch * grad_accum * world size."""
+    grad_accum: int = 8
+    """Micro-batches accumulated per optimizer step."""
+    max_steps: int | None = None
+    """Optimizer steps to train for. Default: from --max_tokens, else one epoch of --data."""
+    max_tokens: int | None = None
+    """Train for this many tokens (rounded up to whole steps); ignored when --max_steps is given."""
+    lr: float = 2e-4
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = 100
+    """Linear warm-up steps (capped at a tenth of the run for short runs)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (0: off)."""
+    trainable: str = "new"
+    """Which parameters train: new (the manifest's new_layers), all, or a regular expression
+    matched (re.search) against parameter names."""
+    train_embeddings: bool = False
+    """Also train the embeddings and lm_head with --trainable new (--trainable all includes them)."""
+    activation_checkpointing: bool = False
+    """Recompute layer activations in backward (non-reentrant) to save memory."""
+    save_every: int = 0
+    """Save a DeepSpeed checkpoint every N steps (0: only at the end and on SIGTERM)."""
+    keep_checkpoints: int = 2
+    """How many of the latest step checkpoints to keep (0: all)."""
+    eval_every: int = 0
+    """Held-out perplexity every N steps (0: only at the end)."""
+    eval_batches: int = 8
+    """Micro-batches per rank in each evaluation (0: the whole held-out set)."""
+    resume: str = "auto"
+    """auto (continue from the latest checkpoint in OUTPUT_DIR/checkpoints if there is one), none,
+    or the path of a checkpoint directory (OUTPUT_DIR/checkpoints or one step inside it)."""
+    stop_at_step: int | None = None
+    """Save and stop after this step without finishing the schedule (for time-limited jobs; resume
+    later with the same options)."""
+    export: bool = True
+    """Export OUTPUT_DIR/final (plain HF checkpoint) at the end."""
+    seed: int = 0
+    """Seed of the data order and of any randomness in training."""
+    log_every: int = 1
+    """Print a metrics line every N steps (metrics.jsonl gets every step)."""
+    quiet: bool = False
+    """No progress bar."""
+    local_rank: int | None = None
+    """Set by the deepspeed launcher; otherwise read from LOCAL_RANK or SLURM_LOCALID."""

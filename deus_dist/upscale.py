@@ -91,6 +91,22 @@ def _default_out(model_dir: Path, method: str, layers: int) -> Path:
     return Path("upscaled") / f"{model_dir.name}-{method}-{layers}L"
 
 
+def default_output(cfg: FuseConfig) -> Path:
+    """Where ``run(cfg)`` writes: ``--out``, or ./upscaled/<model>-<method>-<layers>L."""
+    if cfg.out:
+        return Path(cfg.out)
+    method = get_method(cfg.method)
+    if cfg.model is None:
+        from deus_dist.embedded import embedded_model_dir
+
+        model_dir = embedded_model_dir(progress=not cfg.quiet)
+    else:
+        model_dir = resolve_model_path(cfg.model)
+    with CheckpointReader(model_dir) as reader:
+        num_layers = reader.config.get("num_hidden_layers")
+    return _default_out(model_dir, method.name, method.plan(num_layers, cfg).num_layers_after)
+
+
 def prepare(cfg: FuseConfig) -> Job:
     """Validate every option against the input and resolve the plan; one UserError lists all problems."""
     problems: list[str] = []

@@ -169,3 +169,97 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# -- training ------------------------------------------------------------------------------------
+
+
+def make_training_model(root: Path, family: str = "llama") -> Path:
+    """A tiny character-level base up-scaled 6 -> 9 layers by opt-deus (zero-init new blocks)."""
+    base = make_tiny(root / "base", family)
+    add_char_tokenizer(base)
+    assert fuse("--model", base, "--out", root / "up", "--num_new", "3", "--quiet") == 0
+    return root / "up"
+
+
+def write_wiki_jsonl(path: Path, articles: int = 12, chars: int = 6000) -> Path:
+    """Real text (embedded Wikipedia sample) as JSONL records with a ``text`` field."""
+    from deus_dist.embedded import wikipedia_split
+
+    with open(path, "w") as f:
+        for a in wikipedia_split("train")[:articles]:
+            f.write(json.dumps({"text": a["text"][:chars], "title": a["title"]}) + "\n")
+    return path
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_cmd(args, launcher: str = "deepspeed", nproc: int = 2) -> list[str]:
+    """The command line that starts launchers/cpt.py under ``launcher`` with ``nproc`` ranks."""
+    import sys
+
+    script = str(REPO / "launchers" / "cpt.py")
+    port = str(_free_port())
+    if launcher == "deepspeed":
+        head = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(nproc),
+            "--master_port",
+            port,
+        ]
+    elif launcher == "torchrun":
+        head = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            port,
+            "--master_addr",
+            "127.0.0.1",
+        ]
+    else:
+        head = [sys.executable]
+    return head + [script] + [str(a) for a in args]
+
+
+def launch_env() -> dict:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")
+    }
+    env.update(
+        DS_ACCELERATOR="cpu",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def launch(args, launcher: str = "deepspeed", nproc: int = 2, timeout: int = 600, check: bool = True):
+    import subprocess
+
+    proc = subprocess.run(
+        launch_cmd(args, launcher, nproc), env=launch_env(), capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]

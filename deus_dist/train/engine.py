@@ -1,0 +1,239 @@
+"""Everything a training run needs, validated and built: options, data, model in ZeRO-3, state.
+
+``prepare`` checks every option against the inputs before any process group exists (one
+UserError listing all problems); ``build`` loads the model straight into ZeRO-3 partitions
+(``HfDeepSpeedConfig`` alive during ``from_pretrained``), freezes all but the trainable set and
+hands only the trainable parameters to DeepSpeed's optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from deus_dist.architectures import Architecture, architecture_for
+from deus_dist.checkpoint import CheckpointReader
+from deus_dist.checkpoint.hub import resolve_model_path
+from deus_dist.checkpoint.manifest import read_manifest
+from deus_dist.configs import FuseConfig, TrainConfig
+from deus_dist.errors import UserError
+from deus_dist.hf_logging import quiet_transformers
+from deus_dist.train import checkpointing
+from deus_dist.train.data import PackedData, prepare_data, source_identity
+from deus_dist.train.dist import DistEnv, main_first
+from deus_dist.train.ds_config import compute_dtype, default_ds_config, load_ds_config, resolve_ds_config
+from deus_dist.train.trainable import trainable_names
+
+
+@dataclass
+class Plan:
+    """Validated options and what they resolve to (no process group or model yet)."""
+
+    cfg: TrainConfig
+    model_dir: Path
+    arch: Architecture
+    manifest: dict | None
+    model_config: dict
+    ds_config: dict
+    trainable: list[str]
+    resume_from: Path | None
+    run_dir: Path
+
+
+def default_model(log=print) -> Path:
+    """tools/fuse_layers.py's default output (embedded SmolLM2, opt-deus), made if missing."""
+    from deus_dist import upscale
+
+    out = upscale.default_output(FuseConfig())
+    if not out.exists():
+        log(f"--model not given: up-scaling the embedded model first into {out}")
+        upscale.run(FuseConfig(), log=log)
+    return out
+
+
+def prepare(cfg: TrainConfig, world_size: int, cuda: bool, log=print) -> Plan:
+    problems: list[str] = []
+
+    def attempt(fn):
+        try:
+            return fn()
+        except UserError as e:
+            problems.extend(e.problems)
+            return None
+
+    for name, low in (("micro_batch", 1), ("grad_accum", 1), ("seq_len", 2), ("log_every", 1)):
+        if getattr(cfg, name) < low:
+            problems.append(f"--{name} must be at least {low}, got {getattr(cfg, name)}")
+    for name in ("max_steps", "max_tokens", "stop_at_step"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            problems.append(f"--{name} must be positive, got {getattr(cfg, name)}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        problems.append(f"--min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    if not 0 < cfg.eval_fraction < 1:
+        problems.append(f"--eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
+    if cfg.lr <= 0:
+        problems.append(f"--lr must be positive, got {cfg.lr}")
+    if len(cfg.adam_betas) != 2:
+        problems.append(f"--adam_betas takes two values, got {cfg.adam_betas}")
+    raw_ds = attempt(lambda: load_ds_config(cfg.ds_config or default_ds_config(cuda)))
+    attempt(lambda: source_identity(cfg.data, "--data"))
+    if cfg.eval_data:
+        attempt(lambda: source_identity(cfg.eval_data, "--eval_data"))
+    if cfg.model is None:  # the launcher fills it (default_model, made by rank 0 first)
+        raise ValueError("prepare() needs cfg.model")
+    model_dir = attempt(lambda: resolve_model_path(cfg.model))
+    reader = attempt(lambda: CheckpointReader(model_dir)) if model_dir else None
+    if reader is None:
+        raise UserError(problems)
+    with reader:
+        config, names = reader.config, list(reader.tensors)
+    arch = attempt(lambda: architecture_for(config))
+    manifest = attempt(lambda: read_manifest(model_dir))
+    context = config.get("max_position_embeddings")
+    if context is not None and cfg.seq_len > context:
+        problems.append(f"--seq_len {cfg.seq_len} exceeds the model's context of {context} tokens")
+    trainable = None
+    if arch is not None:
+        trainable = attempt(
+            lambda: trainable_names(names, cfg.trainable, arch, manifest, cfg.train_embeddings)
+        )
+    ds = None
+    if raw_ds is not None:
+        ds = attempt(
+            lambda: resolve_ds_config(
+                raw_ds,
+                micro_batch=cfg.micro_batch,
+                grad_accum=cfg.grad_accum,
+                world_size=world_size,
+                lr=cfg.lr,
+                betas=cfg.adam_betas,
+                weight_decay=cfg.weight_decay,
+                grad_clip=cfg.grad_clip,
+                hidden_size=config.get("hidden_size", 1024),
+                cuda=cuda,
+            )
+        )
+    run_dir = Path(cfg.output_dir)
+    resume_from = attempt(lambda: checkpointing.find_checkpoint(cfg.resume, run_dir))
+    if resume_from is not None and trainable is not None:
+        state = attempt(lambda: checkpointing.read_state(resume_from))
+        if state is not None:
+            attempt(
+                lambda: checkpointing.check_resume(
+                    state,
+                    resume_from,
+                    identity=checkpointing.model_identity(model_dir),
+                    model=str(model_dir),
+                    world_size=world_size,
+                    trainable=trainable,
+                )
+            )
+    if problems:
+        raise UserError(problems)
+    return Plan(cfg, model_dir, arch, manifest, config, ds, trainable, resume_from, run_dir)
+
+
+def load_data(plan: Plan, env: DistEnv, log=print) -> PackedData:
+    cfg = plan.cfg
+    cache = Path(cfg.data_cache) if cfg.data_cache else plan.run_dir / "data_cache"
+    return main_first(
+        env,
+        lambda: prepare_data(
+            data=cfg.data,
+            eval_data=cfg.eval_data,
+            eval_fraction=cfg.eval_fraction,
+            text_field=cfg.text_field,
+            seq_len=cfg.seq_len,
+            model_dir=plan.model_dir,
+            cache_root=cache,
+            seed=cfg.seed,
+            log=log,
+        ),
+    )
+
+
+def total_steps(cfg: TrainConfig, data: PackedData, world_size: int) -> int:
+    global_batch = cfg.micro_batch * cfg.grad_accum * world_size
+    if cfg.max_steps:
+        return cfg.max_steps
+    if cfg.max_tokens:
+        return max(1, math.ceil(cfg.max_tokens / (global_batch * cfg.seq_len)))
+    return max(1, len(data.train) // global_batch)
+
+
+def param_groups(model, trainable: set[str], weight_decay: float) -> list[dict]:
+    """Trainable parameters only; no decay on norms and biases (1-d tensors)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if name in trainable:
+            shape = getattr(p, "ds_shape", p.shape)
+            (decay if len(shape) > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_engine(plan: Plan, env: DistEnv, log=print):
+    """(engine, counts): the model in ZeRO-3 partitions under DeepSpeed, only the trainable set
+    requiring gradients."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    ds = plan.ds_config
+    # Must stay alive through from_pretrained: it makes transformers load into ZeRO-3 partitions.
+    hf_ds = HfDeepSpeedConfig(ds) if ds.get("zero_optimization", {}).get("stage") == 3 else None
+    with quiet_transformers(True):
+        model = AutoModelForCausalLM.from_pretrained(plan.model_dir, dtype=compute_dtype(ds))
+    model.config.use_cache = False
+    if plan.cfg.activation_checkpointing:
+        # Non-reentrant: with frozen lower layers the reentrant variant silently yields no gradient.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    chosen = set(plan.trainable)
+    names = [n for n, _ in model.named_parameters()]
+    if not chosen <= set(names):
+        missing = sorted(chosen - set(names))
+        tied = plan.model_config.get("tie_word_embeddings") and set(missing) <= {"lm_head.weight"}
+        if not tied:
+            raise UserError(f"--trainable: the loaded model has no parameters {missing[:3]}")
+    counts = {"trainable": 0, "total": 0}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in chosen)
+        numel = getattr(p, "ds_numel", p.numel())
+        counts["total"] += numel
+        counts["trainable"] += numel if name in chosen else 0
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, chosen, plan.cfg.weight_decay), config=ds
+    )
+    engine.hf_ds_config = hf_ds
+    return engine, counts
+
+
+def fresh_state(plan: Plan, total: int, world_size: int) -> checkpointing.TrainState:
+    return checkpointing.TrainState(
+        total_steps=total,
+        world_size=world_size,
+        model={
+            "path": str(plan.model_dir.resolve()),
+            "identity": checkpointing.model_identity(plan.model_dir),
+        },
+        trainable=plan.trainable,
+        options={k: v for k, v in asdict(plan.cfg).items() if k != "local_rank"},
+    )
+
+
+def layer_param_counts(plan: Plan, model) -> tuple[list[int], list[int], int]:
+    """Per-layer parameter counts (all, trainable) and the output head's, for MFU."""
+    n = plan.model_config["num_hidden_layers"]
+    layers, trainable = [0] * n, [0] * n
+    chosen = set(plan.trainable)
+    for name, p in model.named_parameters():
+        split = plan.arch.split_name(name)
+        if split is not None:
+            numel = getattr(p, "ds_numel", p.numel())
+            layers[split[0]] += numel
+            trainable[split[0]] += numel if name in chosen else 0
+    head = plan.model_config["vocab_size"] * plan.model_config["hidden_size"]
+    return layers, trainable, head

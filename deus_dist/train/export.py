@@ -1,0 +1,97 @@
+"""Export a training checkpoint as a plain HF checkpoint (sharded safetensors, config, tokenizer).
+
+Trained tensors come from DeepSpeed's fp32 master partitions, gathered and cast to the input
+checkpoint's dtype; every other tensor is copied byte for byte from the input checkpoint, so
+frozen weights are bit-identical whatever precision training used. The manifest is extended with
+the training run (``training``, a list: a model trained twice keeps both entries).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from deus_dist.checkpoint import (
+    CheckpointReader,
+    ShardedWriter,
+    TensorSpec,
+    atomic_output_dir,
+    copy_aux_files,
+)
+from deus_dist.checkpoint.manifest import MANIFEST_NAME
+from deus_dist.checkpoint.writer import parse_size
+from deus_dist.errors import CheckpointError, UserError
+from deus_dist.hf_logging import quiet_transformers
+from deus_dist.train.checkpointing import find_checkpoint, model_identity, read_state
+
+
+def trained_tensors(checkpoint: Path) -> dict:
+    """fp32 values of the trained parameters in a checkpoint (gathered from every rank's file)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with quiet_transformers(True), contextlib.redirect_stdout(io.StringIO()):  # it prints per file
+        try:
+            return get_fp32_state_dict_from_zero_checkpoint(
+                str(checkpoint.parent), tag=checkpoint.name, exclude_frozen_parameters=True
+            )
+        except (FileNotFoundError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"CHECKPOINT_DIR: {checkpoint} is incomplete or corrupt: {e}") from None
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    base: str | Path | None = None,
+    force: bool = False,
+    shard_size: str = "5GB",
+    log=print,
+) -> Path:
+    """Write ``out`` from a training checkpoint and the checkpoint it started from."""
+    found = find_checkpoint(str(checkpoint), Path(checkpoint), "CHECKPOINT_DIR")
+    state = read_state(found, "CHECKPOINT_DIR")
+    base_dir = Path(base) if base else Path(state.model["path"])
+    if not (base_dir / "config.json").is_file():
+        raise UserError(
+            f"--base: {base_dir} (the checkpoint training started from) is not there; pass --base DIR"
+        )
+    if model_identity(base_dir) != state.model["identity"]:
+        raise UserError(f"--base: {base_dir} is not the checkpoint {found} was trained from")
+    max_shard = parse_size(shard_size, "--shard_size")
+    trained = trained_tensors(found)
+    with CheckpointReader(base_dir, option="--base") as reader:
+        tied = reader.config.get("tie_word_embeddings", False)
+        extra = sorted(n for n in trained if n not in reader.tensors and not (tied and n == "lm_head.weight"))
+        if extra:
+            raise CheckpointError(f"CHECKPOINT_DIR: {found} holds tensors the base lacks: {extra[:3]}")
+        specs = [TensorSpec(n, tuple(i.shape), i.dtype) for n, i in reader.tensors.items()]
+        log(
+            f"exporting {found} (step {state.step}): {len(trained)} trained tensors, the rest from {base_dir}"
+        )
+        with atomic_output_dir(Path(out), force, option="OUT_DIR") as tmp:
+            writer = ShardedWriter(tmp, specs, max_shard)
+            try:
+                for spec in specs:
+                    if spec.name in trained:
+                        writer.write(spec.name, trained[spec.name].to(spec.dtype))
+                    else:
+                        writer.write(spec.name, reader.read(spec.name))
+                writer.finish()
+            finally:
+                writer.close()
+            shutil.copy2(base_dir / "config.json", tmp / "config.json")
+            copy_aux_files(base_dir, tmp)
+            run = {k: v for k, v in asdict(state).items() if k not in ("trainable",)}
+            run["checkpoint"] = str(found.resolve())
+            run["trainable_parameters"] = len(state.trainable)
+            if (base_dir / MANIFEST_NAME).is_file():
+                manifest = json.loads((base_dir / MANIFEST_NAME).read_text())
+                manifest["training"] = list(manifest.get("training", [])) + [run]
+                (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+            (tmp / "training_run.json").write_text(json.dumps(run, indent=2) + "\n")
+    log(f"exported {out}")
+    return Path(out)

@@ -1,0 +1,160 @@
+"""The training loop: read it top to bottom.
+
+Step ``s`` (counted from 1) consumes the global batch at data positions
+``[consumed, consumed + G)``, ``G = micro_batch * grad_accum * world_size``; rank ``r``'s
+micro-batch ``a`` is the ``micro_batch`` blocks starting at ``consumed + (a * world + r) *
+micro_batch``. Everything that changes is in ``TrainState`` and DeepSpeed's checkpoint, so a run
+stopped after any step and resumed computes exactly what an uninterrupted run computes.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deus_dist.configs import TrainConfig
+from deus_dist.train import checkpointing
+from deus_dist.train.checkpointing import TrainState
+from deus_dist.train.data import PackedData
+from deus_dist.train.dist import DistEnv, all_mean, any_rank
+from deus_dist.train.metrics import Metrics, format_record
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Linear warm-up to ``lr``, then cosine to ``lr * min_lr_ratio`` at ``total`` (step from 1)."""
+    warmup = min(cfg.warmup_steps, total // 10)
+    if step <= warmup:
+        return cfg.lr * step / warmup
+    progress = (step - warmup - 1) / max(1, total - warmup - 1)  # the last step is at the floor
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class StopRequest:
+    """SIGTERM (SLURM preemption, scancel) asks for a checkpoint and a clean exit after the
+    current step; ranks agree through an all-reduce, so they stop at the same step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclass
+class Outcome:
+    state: TrainState
+    stopped_early: bool
+    last_checkpoint: Path | None
+    records: list[dict] = field(default_factory=list)
+
+
+@torch.no_grad()
+def evaluate(engine, data: PackedData, cfg: TrainConfig, env: DistEnv) -> float:
+    """Mean held-out loss per predicted token; every rank scores the same number of blocks."""
+    per_rank = len(data.eval) // env.world_size
+    if cfg.eval_batches:
+        per_rank = min(per_rank, cfg.eval_batches * cfg.micro_batch)
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=env.device)
+    for start in range(0, per_rank, cfg.micro_batch):
+        rows = [env.rank + env.world_size * i for i in range(start, min(per_rank, start + cfg.micro_batch))]
+        ids = torch.from_numpy(data.eval[rows].astype("int64")).to(env.device)
+        loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
+        total += torch.tensor(
+            [loss.item() * ids[:, 1:].numel(), ids[:, 1:].numel()], dtype=torch.float64, device=env.device
+        )
+    engine.train()
+    if env.world_size > 1:
+        torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def train(
+    engine,
+    data: PackedData,
+    cfg: TrainConfig,
+    env: DistEnv,
+    state: TrainState,
+    run_dir: Path,
+    flops_per_token: float | None,
+    peak_flops: float | None,
+) -> Outcome:
+    from tqdm import tqdm
+
+    metrics = Metrics(run_dir, env.is_main, state.step)
+    ckpt_root = run_dir / "checkpoints"
+    global_batch = cfg.micro_batch * cfg.grad_accum * env.world_size
+    stop = StopRequest()
+    bar = tqdm(
+        total=state.total_steps,
+        initial=state.step,
+        desc="train",
+        unit="step",
+        disable=cfg.quiet or not env.is_main,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    last_ckpt, records = None, []
+    try:
+        while state.step < state.total_steps:
+            step = state.step + 1
+            lr = lr_at(step, cfg, state.total_steps)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            start = time.perf_counter()
+            losses = []
+            for micro in range(cfg.grad_accum):
+                position = state.consumed + (micro * env.world_size + env.rank) * cfg.micro_batch
+                ids = data.blocks(position, cfg.micro_batch).to(env.device)
+                loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
+                engine.backward(loss)
+                engine.step()  # DeepSpeed updates only at the accumulation boundary
+                losses.append(loss.detach())
+            loss = all_mean(torch.stack(losses).float().mean().item(), env)  # syncs the device too
+            seconds = time.perf_counter() - start
+            state.step, state.consumed = step, state.consumed + global_batch
+            state.tokens += global_batch * cfg.seq_len
+            grad_norm = engine.get_global_grad_norm()
+            tokens_per_s = global_batch * cfg.seq_len / seconds
+            record = {
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "tokens": state.tokens,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "step_seconds": seconds,
+                "tokens_per_s": tokens_per_s,
+            }
+            if flops_per_token and peak_flops:
+                record["mfu"] = tokens_per_s * flops_per_token / (peak_flops * env.world_size)
+            finishing = step == state.total_steps
+            if finishing or (cfg.eval_every and step % cfg.eval_every == 0):
+                record["eval_loss"] = evaluate(engine, data, cfg, env)
+                record["eval_ppl"] = math.exp(min(record["eval_loss"], 50.0))
+            metrics.write(record)
+            records.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if env.is_main and (step % cfg.log_every == 0 or finishing or "eval_loss" in record):
+                bar.write(format_record(record, state.total_steps), file=sys.stdout)
+            # Stop on SIGTERM or --stop_at_step; all ranks agree on the same step.
+            stopping = any_rank(stop.requested, env) or step == cfg.stop_at_step
+            if finishing or stopping or (cfg.save_every and step % cfg.save_every == 0):
+                last_ckpt = checkpointing.save(engine, env, state, ckpt_root, cfg.keep_checkpoints)
+            if stopping and not finishing:
+                return Outcome(state, True, last_ckpt, records)
+    finally:
+        stop.restore()
+        bar.close()
+        metrics.close()
+    return Outcome(state, False, last_ckpt, records)

@@ -1,0 +1,223 @@
+"""Training engine parts that need no process group: options, DeepSpeed JSON, trainable set, data,
+schedule, checkpoint discovery, and every bad input of the launcher (checked before any rank starts)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, add_char_tokenizer, make_tiny, make_training_model, write_wiki_jsonl
+from deus_dist.architectures import architecture_for
+from deus_dist.cli.args import parse_config
+from deus_dist.configs import TrainConfig
+from deus_dist.errors import UserError
+from deus_dist.train import checkpointing
+from deus_dist.train.data import prepare_data
+from deus_dist.train.ds_config import load_ds_config, resolve_ds_config
+from deus_dist.train.loop import lr_at
+from deus_dist.train.trainable import trainable_names
+
+DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory) -> Path:
+    return make_training_model(tmp_path_factory.mktemp("up"))
+
+
+def cpt(*args) -> int:
+    from deus_dist.cli.train import main
+
+    return main([str(a) for a in args])
+
+
+def resolve(raw: dict, **kw) -> dict:
+    opts = dict(
+        micro_batch=4,
+        grad_accum=8,
+        world_size=2,
+        lr=2e-4,
+        betas=[0.9, 0.95],
+        weight_decay=0.0,
+        grad_clip=1.0,
+        hidden_size=64,
+        cuda=False,
+    )
+    opts.update(kw)
+    return resolve_ds_config(raw, **opts)
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_ds_config_loads_through_the_launcher_parser(path):
+    raw = load_ds_config(path)
+    assert raw["_comment"].split(":")[0] and "launchers/cpt.py" in raw["_comment"]
+    assert f"ds_configs/{path.name}" in raw["_comment"]
+    cfg = parse_config(
+        TrainConfig, ["--ds_config", str(path), "--micro_batch", "2", "--grad_accum", "3"], "t", ""
+    )
+    ds = resolve(
+        raw, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, world_size=4, cuda="cpu" not in path.name
+    )
+    assert ds["train_batch_size"] == 2 * 3 * 4
+    assert ds["zero_optimization"]["stage"] == 3
+    assert "auto" not in json.dumps(ds)
+
+
+def test_ds_config_autos_come_from_the_options_and_disagreements_are_named():
+    raw = load_ds_config(REPO / "ds_configs" / "zero3_cpu.json")
+    ds = resolve(raw)
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 8
+    assert ds["optimizer"]["params"]["lr"] == 2e-4 and ds["gradient_clipping"] == 1.0
+    bad = {
+        **raw,
+        "train_micro_batch_size_per_gpu": 2,
+        "train_batch_size": 7,
+        "scheduler": {"type": "WarmupLR"},
+    }
+    with pytest.raises(UserError) as e:
+        resolve(bad)
+    text = str(e.value)
+    assert "--micro_batch 4 disagrees with train_micro_batch_size_per_gpu=2" in text
+    assert "train_batch_size=7" in text and "scheduler" in text
+
+
+def test_trainable_sets(up):
+    from deus_dist.checkpoint import CheckpointReader
+    from deus_dist.checkpoint.manifest import read_manifest
+
+    with CheckpointReader(up) as r:
+        names, arch = list(r.tensors), architecture_for(r.config)
+    manifest = read_manifest(up)
+    new = trainable_names(names, "new", arch, manifest, False)
+    assert {arch.split_name(n)[0] for n in new} == set(manifest["new_layers"])
+    assert len(new) == 9 * len(manifest["new_layers"])
+    with_emb = trainable_names(names, "new", arch, manifest, True)
+    assert set(with_emb) - set(new) == {"model.embed_tokens.weight"} | ({"lm_head.weight"} & set(names))
+    assert trainable_names(names, "all", arch, None, False) == names
+    assert trainable_names(names, r"mlp\.down", arch, None, False) == [n for n in names if "mlp.down" in n]
+    with pytest.raises(UserError, match="--trainable 'nothing' matches no parameter"):
+        trainable_names(names, "nothing", arch, None, False)
+    with pytest.raises(UserError, match="no deus_manifest.json.*--trainable all"):
+        trainable_names(names, "new", arch, None, False)
+
+
+def test_packing_order_and_held_out_split(tmp_path, up):
+    data = write_wiki_jsonl(tmp_path / "d.jsonl", articles=6, chars=2000)
+    kw = dict(
+        data=str(data),
+        eval_data=None,
+        eval_fraction=0.2,
+        text_field="text",
+        seq_len=32,
+        model_dir=up,
+        cache_root=tmp_path / "cache",
+        log=lambda *a: None,
+    )
+    a = prepare_data(seed=0, **kw)
+    b = prepare_data(seed=1, **kw)
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # tokenized once: the seed is not in the key
+    assert a.train.shape[1] == 32 and len(a.train) > 100 and len(a.eval) > 10
+    np.testing.assert_array_equal(a.eval, b.eval)  # held-out documents do not move with --seed
+    first = a.blocks(0, 4)
+    np.testing.assert_array_equal(first.numpy(), prepare_data(seed=0, **kw).blocks(0, 4).numpy())
+    assert not np.array_equal(first.numpy(), b.blocks(0, 4).numpy())
+    # one epoch visits every block once; position n continues in the next epoch's order
+    epoch = a.blocks(0, len(a.train)).numpy()
+    assert len({row.tobytes() for row in epoch}) == len({row.tobytes() for row in np.asarray(a.train)})
+    # 4 training documents, each followed by EOS (id 1); the last may fall in the dropped remainder
+    assert (np.asarray(a.train) == 1).sum() in (3, 4)
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg, 100) for s in range(1, 101)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[10] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
+    assert all(x >= y for x, y in zip(lrs[10:], lrs[11:], strict=False))
+    assert lr_at(1, cfg, 4) == pytest.approx(1e-3)  # short runs: warm-up capped at a tenth
+
+
+def test_incomplete_checkpoints_are_never_resumed(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    (root / "step-00000002").mkdir(parents=True)
+    (root / "step-00000002" / "trainer_state.json").write_text("{}")
+    (root / "step-00000004").mkdir()  # killed mid-save: no trainer_state.json
+    (root / ".partial-step-00000006").mkdir()
+    assert checkpointing.find_checkpoint("auto", tmp_path / "run") == root / "step-00000002"
+    assert checkpointing.find_checkpoint("none", tmp_path / "run") is None
+    assert checkpointing.find_checkpoint(str(root), tmp_path) == root / "step-00000002"
+
+
+# -- bad input: one clear error naming the option, before any process starts ----------------------
+
+
+def _errors(capsys, *args) -> str:
+    assert cpt(*args) == 2
+    return capsys.readouterr().err
+
+
+def test_bad_inputs_name_their_option(tmp_path, up, capsys):
+    data = write_wiki_jsonl(tmp_path / "d.jsonl", articles=3)
+    common = ["--model", up, "--data", data, "--output_dir", tmp_path / "run"]
+    plain = make_tiny(tmp_path / "plain")
+    add_char_tokenizer(plain)
+    err = _errors(capsys, "--model", plain, "--data", data, "--output_dir", tmp_path / "r")
+    assert "no deus_manifest.json" in err and "--trainable all" in err
+    assert "--data: " in _errors(capsys, *common[:2], "--data", tmp_path / "missing.jsonl")
+    assert "--model: " in _errors(capsys, "--model", tmp_path / "nope", "--data", data)
+    assert "--seq_len 4096 exceeds the model's context of 256" in _errors(
+        capsys, *common, "--seq_len", "4096"
+    )
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 3}}))
+    assert "--micro_batch 4 disagrees" in _errors(capsys, *common, "--ds_config", ds)
+    assert "--ds_config: " in _errors(capsys, *common, "--ds_config", tmp_path / "none.json")
+    assert "--resume: " in _errors(capsys, *common, "--resume", tmp_path / "no-ckpt")
+    err = _errors(capsys, *common, "--micro_batch", "0", "--lr", "-1", "--trainable", "(")
+    assert all(s in err for s in ("--micro_batch must be at least 1", "--lr must be positive", "--trainable"))
+
+
+def test_checkpoint_from_another_model_is_refused(tmp_path, up, capsys):
+    other = make_training_model(tmp_path / "other")  # same shapes, different weights and manifest
+    data = write_wiki_jsonl(tmp_path / "d.jsonl", articles=3)
+    run = tmp_path / "run"
+    state = checkpointing.TrainState(
+        total_steps=4,
+        world_size=1,
+        trainable=[],
+        options={},
+        step=2,
+        model={"path": str(other), "identity": checkpointing.model_identity(other)},
+    )
+    (run / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000002" / "trainer_state.json").write_text(json.dumps(asdict(state)))
+    err = _errors(capsys, "--model", up, "--data", data, "--output_dir", run)
+    assert "--resume: " in err and f"was trained from {other}" in err
+
+
+def test_data_errors_name_their_option(tmp_path, up):
+    kw = dict(
+        eval_data=None,
+        eval_fraction=0.2,
+        seq_len=32,
+        model_dir=up,
+        cache_root=tmp_path / "c",
+        seed=0,
+        log=lambda *a: None,
+    )
+    data = write_wiki_jsonl(tmp_path / "d.jsonl", articles=3)
+    with pytest.raises(UserError, match="--text_field: .* has no column 'body'"):
+        prepare_data(data=str(data), text_field="body", **kw)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n{"text": "   "}\n')
+    with pytest.raises(UserError, match="--data: .* no non-empty 'text' texts"):
+        prepare_data(data=str(empty), text_field="text", **kw)
+    short = tmp_path / "short.jsonl"
+    short.write_text('{"text": "tiny"}\n{"text": "also tiny"}\n')
+    with pytest.raises(UserError, match="--data: fewer than --seq_len=32 tokens"):
+        prepare_data(data=str(short), text_field="text", **kw)
+    assert not list((tmp_path / "c").iterdir())  # nothing half-made
