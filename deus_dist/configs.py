@@ -122,14 +122,17 @@ class TrainConfig:
     """Run directory: metrics.jsonl, checkpoints/, final/ (the exported HF checkpoint)."""
     data_cache: str | None = None
     """Where the tokenized, packed data is cached. Default: OUTPUT_DIR/data_cache."""
-    seq_len: int = 2048
-    """Tokens per packed training sequence (documents joined with EOS, then cut)."""
-    micro_batch: int = 4
-    """Sequences per rank per forward pass. Global batch = micro_batch * grad_accum * world size."""
-    grad_accum: int = 8
-    """Micro-batches accumulated per optimizer step."""
+    seq_len: int | None = None
+    """Tokens per packed training sequence (documents joined with EOS, then cut). Default: 2048
+    with a GPU, 256 on CPUs."""
+    micro_batch: int | None = None
+    """Sequences per rank per forward pass. Global batch = micro_batch * grad_accum * world size.
+    Default: 4 with a GPU, 1 on CPUs."""
+    grad_accum: int | None = None
+    """Micro-batches accumulated per optimizer step. Default: 8 with a GPU, 1 on CPUs."""
     max_steps: int | None = None
-    """Optimizer steps to train for. Default: from --max_tokens, else one epoch of --data."""
+    """Optimizer steps to train for. Default: from --max_tokens, else one epoch of --data (10 steps
+    on the embedded sample, a demonstration)."""
     max_tokens: int | None = None
     """Train for this many tokens (rounded up to whole steps); ignored when --max_steps is given."""
     lr: float = 2e-4
@@ -151,6 +154,9 @@ class TrainConfig:
     """Also train the embeddings and lm_head with --trainable new (--trainable all includes them)."""
     activation_checkpointing: bool = False
     """Recompute layer activations in backward (non-reentrant) to save memory."""
+    zero3_leaf_layers: bool = True
+    """ZeRO-3 gathers each decoder layer's parameters in one hook instead of one per sub-module
+    (fewer hooks and all-gathers per step; see tools/bench_train.py)."""
     save_every: int = 0
     """Save a DeepSpeed checkpoint every N steps (0: only at the end and on SIGTERM)."""
     keep_checkpoints: int = 2

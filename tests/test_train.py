@@ -174,7 +174,7 @@ def test_bad_inputs_name_their_option(tmp_path, up, capsys):
     )
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 3}}))
-    assert "--micro_batch 4 disagrees" in _errors(capsys, *common, "--ds_config", ds)
+    assert "--micro_batch 4 disagrees" in _errors(capsys, *common, "--ds_config", ds, "--micro_batch", "4")
     assert "--ds_config: " in _errors(capsys, *common, "--ds_config", tmp_path / "none.json")
     assert "--resume: " in _errors(capsys, *common, "--resume", tmp_path / "no-ckpt")
     err = _errors(capsys, *common, "--micro_batch", "0", "--lr", "-1", "--trainable", "(")

@@ -184,3 +184,12 @@ def test_resume_on_another_world_size_is_refused(setup, uninterrupted):
     assert proc.returncode == 2
     assert "written by 2 ranks but this run has 1" in proc.stderr
     assert "tools/export_hf.py" in proc.stderr
+
+
+def test_layer_granular_zero3_fetching_computes_the_same(setup, uninterrupted):
+    """The speed setting (decoder layers as ZeRO-3 leaves) against DeepSpeed's per-module hooks."""
+    launch(args(setup, "noleaf", "--max_steps", "6", "--no_zero3_leaf_layers", "--no_export"))
+    a, b = read_metrics(uninterrupted), read_metrics(setup[0] / "noleaf")
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4), (ra, rb)
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-3), (ra, rb)

@@ -37,6 +37,7 @@ def run(cfg: TrainConfig, log=print) -> int:
     from deus_dist.train.export import export_checkpoint
     from deus_dist.train.metrics import flops_per_token, peak_flops
 
+    cfg = engine.with_defaults(cfg, torch.cuda.is_available())
     rank, _, world_size = layout(cfg.local_rank)
     say = log if rank == 0 else (lambda *a, **k: None)
     env: DistEnv | None = None
