@@ -51,9 +51,17 @@ def run(cfg: TrainConfig, log=print) -> int:
     eng, counts = engine.build_engine(plan, env, log=say)
     total = engine.total_steps(cfg, data, env.world_size)
     state = engine.fresh_state(plan, total, env.world_size)
+    if len(data.eval) < env.world_size:
+        raise UserError(
+            f"--eval_fraction/--eval_data: {len(data.eval)} held-out blocks for {env.world_size} ranks; "
+            "hold out more text"
+        )
     if plan.resume_from is not None:
         state = checkpointing.load(eng, env, plan.resume_from)
         say(f"resumed from {plan.resume_from} at step {state.step} (data position {state.consumed})")
+        if state.total_steps != total:  # --max_steps/--max_tokens changed: the new length wins
+            say(f"schedule length changed from {state.total_steps} to {total} steps")
+            state.total_steps = total
     say(
         f"model {plan.model_dir}: {counts['trainable']:,} of {counts['total']:,} parameters train "
         f"({len(plan.trainable)} tensors, --trainable {cfg.trainable}); {env.world_size} rank(s) on "
@@ -76,11 +84,9 @@ def run(cfg: TrainConfig, log=print) -> int:
             "run the same command again to resume"
         )
         return 0
-    if cfg.export and env.is_main:
+    if cfg.export and env.is_main:  # no collective: the other ranks are done and may exit
         ckpt = outcome.last_checkpoint or checkpointing.complete_checkpoints(plan.run_dir / "checkpoints")[-1]
         export_checkpoint(ckpt, plan.run_dir / "final", force=True, log=say)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
     return 0
 
 

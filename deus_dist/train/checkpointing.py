@@ -19,7 +19,7 @@ import hashlib
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +47,6 @@ class TrainState:
     consumed: int = 0
     """Training blocks consumed: the data position."""
     tokens: int = 0
-    history: list[dict] = field(default_factory=list)
-    """Earlier segments of this run: {"from_step", "to_step", "world_size"}."""
 
 
 def model_identity(model_dir: Path) -> str:
