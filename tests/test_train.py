@@ -221,3 +221,20 @@ def test_data_errors_name_their_option(tmp_path, up):
     with pytest.raises(UserError, match="--data: fewer than --seq_len=32 tokens"):
         prepare_data(data=str(short), text_field="text", **kw)
     assert not list((tmp_path / "c").iterdir())  # nothing half-made
+
+
+def test_rank_layout_from_launchers_and_slurm(monkeypatch):
+    from deus_dist.train.dist import layout
+
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert layout() == (0, 0, 1)
+    monkeypatch.setenv("SLURM_PROCID", "9")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    assert layout() == (9, 1, 16)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert layout() == (3, 3, 4)  # torchrun/deepspeed variables win over SLURM's
+    assert layout(local_rank_flag=2) == (3, 2, 4)  # --local_rank from the deepspeed launcher

@@ -120,8 +120,12 @@ def test_resumed_run_equals_uninterrupted(setup, uninterrupted):
     run = setup[0] / "resumed"
     assert not (run / "final").exists()
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
-    second = launch(args(setup, "resumed", "--max_steps", "6"))
+    second = launch(
+        args(setup, "resumed", "--max_steps", "6", "--save_every", "1", "--keep_checkpoints", "2")
+    )
     assert "resumed from" in second.stdout
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["step-00000005", "step-00000006"]
     a, b = read_metrics(uninterrupted), read_metrics(run)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(a, b, strict=True):
@@ -193,3 +197,39 @@ def test_layer_granular_zero3_fetching_computes_the_same(setup, uninterrupted):
     for ra, rb in zip(a, b, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4), (ra, rb)
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-3), (ra, rb)
+
+
+def test_activation_checkpointing_computes_the_same(setup, uninterrupted):
+    launch(args(setup, "ckpt", "--max_steps", "6", "--stop_at_step", "3", "--activation_checkpointing"))
+    a, b = read_metrics(uninterrupted)[:3], read_metrics(setup[0] / "ckpt")
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4), (ra, rb)
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-3), (ra, rb)
+
+
+def test_export_tool_and_damaged_checkpoints(setup, uninterrupted, tmp_path, capsys):
+    import shutil
+
+    from deus_dist.cli.export import main as export_main
+
+    out = tmp_path / "export"
+    assert export_main([str(uninterrupted / "checkpoints"), str(out)]) == 0
+    final, exported = state_dict(uninterrupted / "final"), state_dict(out)
+    assert final.keys() == exported.keys() and all(torch.equal(final[n], exported[n]) for n in final)
+    assert (out / "tokenizer.json").is_file() and (out / "training_run.json").is_file()
+
+    assert export_main([str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+    assert "CHECKPOINT_DIR: " in capsys.readouterr().err
+    # a truncated optimizer partition: the exporter and a resume both refuse it by name
+    damaged = tmp_path / "damaged"
+    shutil.copytree(uninterrupted, damaged, ignore=shutil.ignore_patterns("final", "data_cache"))
+    (ckpt,) = (damaged / "checkpoints").glob("step-*")
+    victim = ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    victim.write_bytes(victim.read_bytes()[:1000])
+    assert export_main([str(damaged / "checkpoints"), str(tmp_path / "y")]) == 2
+    assert "corrupt" in capsys.readouterr().err and not (tmp_path / "y").exists()
+    proc = launch(args(setup, "x", "--max_steps", "8", "--output_dir", damaged), check=False)
+    assert (
+        proc.returncode != 0
+        and "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing or corrupt" in proc.stderr
+    )

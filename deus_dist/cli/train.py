@@ -29,9 +29,20 @@ examples:
 """
 
 
+def _quiet_known_warnings() -> None:
+    """DeepSpeed 0.19 calls collectives torch marks deprecated, and its ZeRO-3 module hooks trip
+    torch's full-backward-hook notice on frozen inputs; both repeat on every rank and mean nothing
+    to a user of this launcher."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
+    warnings.filterwarnings("ignore", message=r"Full backward hook is firing when gradients are computed")
+
+
 def run(cfg: TrainConfig, log=print) -> int:
     import torch
 
+    _quiet_known_warnings()
     from deus_dist.train import checkpointing, engine, loop
     from deus_dist.train.dist import DistEnv, init_distributed, layout, main_first
     from deus_dist.train.export import export_checkpoint

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import random
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -127,8 +129,28 @@ def check_resume(
             f"--trainable: {path} trained {len(state.trainable)} parameters, this run selects "
             f"{len(trainable)}; use the --trainable/--train_embeddings of the original run"
         )
+    if not problems:
+        problems += _damaged_files(path, state.world_size)
     if problems:
         raise UserError(problems)
+
+
+def _damaged_files(path: Path, world_size: int) -> list[str]:
+    """Every rank's DeepSpeed files are present and their zip directory reads (a truncated file
+    fails here, before any rank starts, instead of inside DeepSpeed on one rank)."""
+    problems = []
+    for rank in range(world_size):
+        for kind in ("model", "optim"):
+            f = path / f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt"
+            try:
+                with zipfile.ZipFile(f):
+                    pass
+            except (OSError, zipfile.BadZipFile) as e:
+                problems.append(
+                    f"--resume: {f} is missing or corrupt ({type(e).__name__}); resume from an earlier "
+                    "checkpoint with --resume PATH, or start over with --resume none"
+                )
+    return problems
 
 
 def save(engine, env: DistEnv, state: TrainState, root: Path, keep: int) -> Path:
@@ -163,17 +185,23 @@ def save(engine, env: DistEnv, state: TrainState, root: Path, keep: int) -> Path
 
 def load(engine, env: DistEnv, path: Path) -> TrainState:
     """Collective: restore DeepSpeed's state, this rank's RNG, and the TrainState."""
-    loaded, _ = engine.load_checkpoint(
-        str(path.parent),
-        tag=path.name,
-        load_module_strict=False,  # frozen weights are not in the checkpoint: they came from --model
-        load_lr_scheduler_states=False,  # the schedule is a function of the step
-    )
+    try:
+        loaded, _ = engine.load_checkpoint(
+            str(path.parent),
+            tag=path.name,
+            load_module_strict=False,  # frozen weights are not in the checkpoint: they came from --model
+            load_lr_scheduler_states=False,  # the schedule is a function of the step
+        )
+        rng_file = path / f"rng_rank_{env.rank}.pt"
+        rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
+    except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError, OSError) as e:
+        raise CheckpointError(
+            f"--resume: {path} is corrupt or incomplete ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            "resume from an earlier checkpoint with --resume PATH, or start over with --resume none"
+        ) from None
     if loaded is None:
         raise CheckpointError(f"--resume: DeepSpeed could not load {path}")
-    rng_file = path / f"rng_rank_{env.rank}.pt"
-    if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=False)
+    if rng is not None:
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])

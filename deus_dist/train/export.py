@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import pickle
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -38,8 +39,11 @@ def trained_tensors(checkpoint: Path) -> dict:
             return get_fp32_state_dict_from_zero_checkpoint(
                 str(checkpoint.parent), tag=checkpoint.name, exclude_frozen_parameters=True
             )
-        except (FileNotFoundError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"CHECKPOINT_DIR: {checkpoint} is incomplete or corrupt: {e}") from None
+        except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
+            raise CheckpointError(
+                f"CHECKPOINT_DIR: {checkpoint} is incomplete or corrupt ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''})"
+            ) from None
 
 
 def export_checkpoint(
