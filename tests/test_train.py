@@ -238,3 +238,24 @@ def test_rank_layout_from_launchers_and_slurm(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert layout() == (3, 3, 4)  # torchrun/deepspeed variables win over SLURM's
     assert layout(local_rank_flag=2) == (3, 2, 4)  # --local_rank from the deepspeed launcher
+
+
+def test_parquet_and_text_folders_load(tmp_path, up):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from deus_dist.embedded import wikipedia_split
+
+    texts = [a["text"][:3000] for a in wikipedia_split("train")[:5]]
+    pq.write_table(pa.table({"body": texts, "n": list(range(5))}), tmp_path / "d.parquet")
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    for i, t in enumerate(texts):
+        (folder / f"{i}.txt").write_text(t)
+    kw = dict(eval_data=None, eval_fraction=0.2, seq_len=32, model_dir=up, seed=0, log=lambda *a: None)
+    a = prepare_data(data=str(tmp_path / "d.parquet"), text_field="body", cache_root=tmp_path / "c1", **kw)
+    b = prepare_data(data=str(folder), text_field="text", cache_root=tmp_path / "c2", **kw)
+    assert len(a.train) > 100 and len(b.train) > 100 and len(a.eval) and len(b.eval)
+    (folder / "extra.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(UserError, match="--data: .* mixes file kinds"):
+        prepare_data(data=str(folder), text_field="text", cache_root=tmp_path / "c3", **kw)

@@ -16,6 +16,8 @@ import hashlib
 import json
 import math
 import shutil
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,13 +79,15 @@ def source_identity(source: str | None, option: str) -> dict:
     raise UserError(f"{option}: {source} does not exist")
 
 
-def load_documents(identity: dict, text_field: str, option: str, scratch: Path) -> list[str]:
-    """Non-empty texts of a source, in source order. Local files are converted under ``scratch``
-    (deleted after packing); hub datasets use the user's datasets cache."""
+def open_source(identity: dict, text_field: str, option: str, scratch: Path) -> tuple[int, Iterator[list]]:
+    """(number of records, batches of their texts in source order), streamed: a corpus larger than
+    memory is never held whole. Local files are converted under ``scratch`` (deleted after
+    packing); hub datasets use the user's datasets cache."""
     if identity["source"] == EMBEDDED:
         from deus_dist.embedded import wikipedia_split
 
-        return [a["text"] for a in wikipedia_split(identity["split"])]
+        texts = [a["text"] for a in wikipedia_split(identity["split"])]
+        return len(texts), iter([texts])
     import datasets
 
     datasets.disable_progress_bars()
@@ -92,8 +96,10 @@ def load_documents(identity: dict, text_field: str, option: str, scratch: Path) 
             ds = datasets.load_dataset(identity["source"], split="train")
         else:
             files = [f[0] for f in identity["files"]]
+            # plain text: a paragraph (up to a blank line) is a document, followed by EOS
+            extra = {"sample_by": "paragraph"} if identity["builder"] == "text" else {}
             ds = datasets.load_dataset(
-                identity["builder"], data_files=files, split="train", cache_dir=str(scratch)
+                identity["builder"], data_files=files, split="train", cache_dir=str(scratch), **extra
             )
     except Exception as e:  # datasets raises many types for unreadable input
         raise UserError(f"{option}: cannot load {identity['source']}: {type(e).__name__}: {e}") from None
@@ -102,39 +108,73 @@ def load_documents(identity: dict, text_field: str, option: str, scratch: Path) 
             f"--text_field: {identity['source']} has no column {text_field!r} "
             f"(columns: {', '.join(ds.column_names)})"
         )
-    texts = [t for t in ds[text_field] if isinstance(t, str) and t.strip()]
-    if not texts:
+    batches = (b[text_field] for b in ds.select_columns([text_field]).iter(batch_size=1000))
+    return len(ds), batches
+
+
+class Packer:
+    """Tokenizes documents, appends EOS, concatenates, and writes whole ``seq_len`` blocks (int32)."""
+
+    def __init__(self, path: Path, tokenizer, seq_len: int):
+        if tokenizer.eos_token_id is None:
+            raise UserError("--model: the tokenizer has no EOS token to separate documents")
+        self.file = open(path, "wb")
+        self.tokenizer, self.seq_len = tokenizer, seq_len
+        self.carry: list[int] = []
+        self.blocks = self.documents = 0
+
+    def add(self, texts: list[str]) -> None:
+        if not texts:
+            return
+        self.documents += len(texts)
+        for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            self.carry.extend(ids)
+            self.carry.append(self.tokenizer.eos_token_id)
+        whole = len(self.carry) // self.seq_len * self.seq_len
+        if whole:
+            self.file.write(np.asarray(self.carry[:whole], dtype=np.int32).tobytes())
+            self.blocks += whole // self.seq_len
+            self.carry = self.carry[whole:]
+
+    def close(self) -> int:
+        self.file.close()
+        return self.blocks
+
+
+def _usable(texts) -> list[str]:
+    return [t for t in texts if isinstance(t, str) and t.strip()]
+
+
+def pack_source(
+    identity: dict,
+    text_field: str,
+    option: str,
+    scratch: Path,
+    train: Packer,
+    held: Packer | None,
+    eval_fraction: float,
+    progress: bool,
+) -> None:
+    """Stream a source into ``train`` (and, with ``held``, a fixed-seed share of its records into
+    ``held``)."""
+    from tqdm import tqdm
+
+    total, batches = open_source(identity, text_field, option, scratch)
+    chosen = np.zeros(total, dtype=bool)
+    if held is not None and total > 1:
+        n_eval = max(1, math.ceil(total * eval_fraction))
+        chosen[np.random.default_rng(SPLIT_SEED).permutation(total)[:n_eval]] = True
+    seen = 0
+    with tqdm(total=total, desc="tokenizing", unit="doc", disable=not progress, file=sys.stderr) as bar:
+        for texts in batches:
+            mask = chosen[seen : seen + len(texts)]
+            train.add(_usable(t for t, m in zip(texts, mask, strict=True) if not m))
+            if held is not None:
+                held.add(_usable(t for t, m in zip(texts, mask, strict=True) if m))
+            seen += len(texts)
+            bar.update(len(texts))
+    if train.documents + (held.documents if held else 0) == 0:
         raise UserError(f"{option}: {identity['source']} has no non-empty {text_field!r} texts")
-    return texts
-
-
-def pack(texts: list[str], tokenizer, seq_len: int, out: Path) -> int:
-    """Tokenize, append EOS, concatenate and write whole ``seq_len`` blocks to ``out`` (int32);
-    returns the number of blocks."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserError("--model: the tokenizer has no EOS token to separate documents")
-    carry: list[int] = []
-    blocks = 0
-    with open(out, "wb") as f:
-        for start in range(0, len(texts), 512):
-            for ids in tokenizer(texts[start : start + 512], add_special_tokens=False)["input_ids"]:
-                carry.extend(ids)
-                carry.append(eos)
-            whole = len(carry) // seq_len * seq_len
-            if whole:
-                f.write(np.asarray(carry[:whole], dtype=np.int32).tobytes())
-                blocks += whole // seq_len
-                carry = carry[whole:]
-    return blocks
-
-
-def _split(texts: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    n_eval = max(1, math.ceil(len(texts) * fraction)) if len(texts) > 1 else 0
-    chosen = set(np.random.default_rng(SPLIT_SEED).permutation(len(texts))[:n_eval].tolist())
-    train = [t for i, t in enumerate(texts) if i not in chosen]
-    held = [t for i, t in enumerate(texts) if i in chosen]
-    return train, held
 
 
 @dataclass
@@ -181,6 +221,7 @@ def prepare_data(
     cache_root: Path,
     seed: int,
     log=print,
+    progress: bool = False,
 ) -> PackedData:
     """Tokenize and pack (once per key), then memory-map. Errors name the option to fix."""
     train_id = source_identity(data, "--data")
@@ -204,14 +245,18 @@ def prepare_data(
         log(f"tokenizing and packing {train_id['source']} into {seq_len}-token blocks (once)")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         scratch = tmp / "scratch"
-        texts = load_documents(train_id, text_field, "--data", scratch)
-        if eval_id is None:
-            texts, held = _split(texts, eval_fraction)
-        else:
-            held = load_documents(eval_id, text_field, "--eval_data", scratch)
-        shutil.rmtree(scratch, ignore_errors=True)
-        n_train = pack(texts, tokenizer, seq_len, tmp / "train.bin")
-        n_eval = pack(held, tokenizer, seq_len, tmp / "eval.bin")
+        train, held = (
+            Packer(tmp / "train.bin", tokenizer, seq_len),
+            Packer(tmp / "eval.bin", tokenizer, seq_len),
+        )
+        try:
+            split_here = held if eval_id is None else None
+            pack_source(train_id, text_field, "--data", scratch, train, split_here, eval_fraction, progress)
+            if eval_id is not None:
+                pack_source(eval_id, text_field, "--eval_data", scratch, held, None, 0.0, progress)
+        finally:
+            n_train, n_eval = train.close(), held.close()
+            shutil.rmtree(scratch, ignore_errors=True)
         if n_train == 0:
             raise UserError(f"--data: fewer than --seq_len={seq_len} tokens of text; lower --seq_len")
         if n_eval == 0:
@@ -219,7 +264,7 @@ def prepare_data(
                 f"--eval_data/--eval_fraction: the held-out text has fewer than --seq_len={seq_len} "
                 "tokens; raise --eval_fraction or pass a larger --eval_data"
             )
-        meta = {**key, "train_blocks": n_train, "eval_blocks": n_eval, "documents": len(texts)}
+        meta = {**key, "train_blocks": n_train, "eval_blocks": n_eval, "documents": train.documents}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     folder = build_once(cache_root / digest, build)

@@ -166,6 +166,7 @@ def load_data(plan: Plan, env: DistEnv, log=print) -> PackedData:
             cache_root=cache,
             seed=cfg.seed,
             log=log,
+            progress=not cfg.quiet,
         ),
     )
 
