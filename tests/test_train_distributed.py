@@ -233,3 +233,17 @@ def test_export_tool_and_damaged_checkpoints(setup, uninterrupted, tmp_path, cap
         proc.returncode != 0
         and "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing or corrupt" in proc.stderr
     )
+
+
+def test_defaults_make_the_embedded_model_first_and_train(tmp_path):
+    """The README's CPU command with nothing given: rank 0 up-scales the embedded SmolLM2 into
+    ./upscaled while rank 1 waits, then both train on the embedded Wikipedia sample."""
+    import subprocess
+
+    cmd = launch_cmd(["--max_steps", "1", "--eval_batches", "1", "--no_export", "--quiet"])
+    proc = subprocess.run(cmd, env=launch_env(), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "up-scaling the embedded model first" in proc.stdout
+    assert (tmp_path / "upscaled" / "SmolLM2-135M-Instruct-opt-deus-45L" / "deus_manifest.json").is_file()
+    (record,) = read_metrics(tmp_path / "runs" / "cpt")
+    assert record["step"] == 1 and 0 < record["loss"] < 10 and record["eval_ppl"] < 100
