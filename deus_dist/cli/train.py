@@ -59,14 +59,14 @@ def run(cfg: TrainConfig, log=print) -> int:
     plan = engine.prepare(cfg, world_size, torch.cuda.is_available(), log=say)
     env = env or init_distributed(cfg.local_rank)
     data = engine.load_data(plan, env, log=say)
-    eng, counts = engine.build_engine(plan, env, log=say)
-    total = engine.total_steps(cfg, data, env.world_size)
-    state = engine.fresh_state(plan, total, env.world_size)
     if len(data.eval) < env.world_size:
         raise UserError(
             f"--eval_fraction/--eval_data: {len(data.eval)} held-out blocks for {env.world_size} ranks; "
             "hold out more text"
         )
+    eng, counts = engine.build_engine(plan, env, log=say)
+    total = engine.total_steps(cfg, data, env.world_size)
+    state = engine.fresh_state(plan, total, env.world_size)
     if plan.resume_from is not None:
         state = checkpointing.load(eng, env, plan.resume_from)
         say(f"resumed from {plan.resume_from} at step {state.step} (data position {state.consumed})")
