@@ -20,5 +20,27 @@ class UserError(Exception):
         return f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
 
 
+class Problems:
+    """Collects every problem found while validating, to raise them together as one UserError."""
+
+    def __init__(self):
+        self.items: list[str] = []
+
+    def append(self, problem: str) -> None:
+        self.items.append(problem)
+
+    def attempt(self, fn):
+        """``fn()``, or None with its UserError's problems collected."""
+        try:
+            return fn()
+        except UserError as e:
+            self.items.extend(e.problems)
+            return None
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise UserError(self.items)
+
+
 class CheckpointError(UserError):
     """A checkpoint on disk is missing, unreadable, corrupt or inconsistent."""

@@ -31,7 +31,7 @@ from deus_dist.checkpoint.hub import resolve_model_path
 from deus_dist.checkpoint.manifest import build_manifest, read_manifest, write_manifest
 from deus_dist.checkpoint.writer import parse_size
 from deus_dist.configs import FuseConfig
-from deus_dist.errors import CheckpointError, UserError
+from deus_dist.errors import CheckpointError, Problems, UserError
 from deus_dist.methods import Method, get_method
 from deus_dist.plan import LayerPlan
 
@@ -109,15 +109,8 @@ def default_output(cfg: FuseConfig) -> Path:
 
 def prepare(cfg: FuseConfig) -> Job:
     """Validate every option against the input and resolve the plan; one UserError lists all problems."""
-    problems: list[str] = []
-
-    def attempt(fn):
-        try:
-            return fn()
-        except UserError as e:
-            problems.extend(e.problems)
-            return None
-
+    problems = Problems()
+    attempt = problems.attempt
     method = attempt(lambda: get_method(cfg.method))
     max_shard = attempt(lambda: parse_size(cfg.out_shard_size))
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -130,7 +123,7 @@ def prepare(cfg: FuseConfig) -> Job:
         model_dir = attempt(lambda: resolve_model_path(cfg.model))
     reader = attempt(lambda: CheckpointReader(model_dir)) if model_dir is not None else None
     if reader is None or method is None:
-        raise UserError(problems)
+        raise UserError(problems.items)
     arch = attempt(lambda: architecture_for(reader.config))
     num_layers = reader.config.get("num_hidden_layers")
     if not isinstance(num_layers, int) or num_layers < 1:
@@ -148,8 +141,7 @@ def prepare(cfg: FuseConfig) -> Job:
             problems.append(f"--out: {out} already exists; pass --force to replace it")
         elif out.exists() and not out.is_dir():
             problems.append(f"--out: {out} exists and is not a directory")
-    if problems:
-        raise UserError(problems)
+    problems.raise_if_any()
     # Last: a method's own checks and whole-model preparation (calibration) cost the most.
     method.prepare(reader, arch, plan, cfg, layers[0])
     return Job(

@@ -192,20 +192,14 @@ def write_wiki_jsonl(path: Path, articles: int = 12, chars: int = 6000) -> Path:
     return path
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_cmd(args, launcher: str = "deepspeed", nproc: int = 2) -> list[str]:
     """The command line that starts launchers/cpt.py under ``launcher`` with ``nproc`` ranks."""
     import sys
 
+    from deus_dist.train.dist import free_port
+
     script = str(REPO / "launchers" / "cpt.py")
-    port = str(_free_port())
+    port = str(free_port())
     if launcher == "deepspeed":
         head = [
             sys.executable,

@@ -111,7 +111,7 @@ class Timer:
         return [1000 * (b - a) for a, b in zip(m, m[1:], strict=False)]
 
 
-def plain_run(config, chosen_prefixes, batches, device, lr):
+def plain_run(config, chosen_prefixes, device, lr):
     from transformers import AutoModelForCausalLM
 
     cuda = device.type == "cuda"
@@ -184,7 +184,7 @@ def measure(kind, which, args, shape, config, device, batches) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     if kind == "plain":
-        holder, step, trainable = plain_run(config, prefixes, batches, device, args.lr)
+        holder, step, trainable = plain_run(config, prefixes, device, args.lr)
     else:
         holder, step, trainable = engine_run(
             config, prefixes, batches, device, args.lr, args.ds_config, leaf=kind == "engine"

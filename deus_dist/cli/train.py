@@ -64,7 +64,7 @@ def run(cfg: TrainConfig, log=print) -> int:
             f"--eval_fraction/--eval_data: {len(data.eval)} held-out blocks for {env.world_size} ranks; "
             "hold out more text"
         )
-    eng, counts = engine.build_engine(plan, env, log=say)
+    eng, counts = engine.build_engine(plan)
     total = engine.total_steps(cfg, data, env.world_size)
     state = engine.fresh_state(plan, total, env.world_size)
     if plan.resume_from is not None:

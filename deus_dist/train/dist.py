@@ -33,7 +33,7 @@ class DistEnv:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -77,7 +77,7 @@ def _export_layout(rank: int, local_rank: int, world_size: int) -> None:
         env.setdefault("MASTER_ADDR", _slurm_master())
         env.setdefault("MASTER_PORT", "29500")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("MASTER_PORT", str(free_port()))
 
 
 def init_distributed(local_rank_flag: int | None = None) -> DistEnv:

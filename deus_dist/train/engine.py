@@ -20,7 +20,7 @@ from deus_dist.checkpoint import CheckpointReader
 from deus_dist.checkpoint.hub import resolve_model_path
 from deus_dist.checkpoint.manifest import read_manifest
 from deus_dist.configs import FuseConfig, TrainConfig
-from deus_dist.errors import UserError
+from deus_dist.errors import Problems, UserError
 from deus_dist.hf_logging import quiet_transformers
 from deus_dist.train import checkpointing
 from deus_dist.train.data import PackedData, prepare_data, source_identity
@@ -42,6 +42,8 @@ class Plan:
     trainable: list[str]
     resume_from: Path | None
     run_dir: Path
+    identity: str
+    """Fingerprint of --model (checkpointing.model_identity), checked on resume."""
 
 
 def default_model(log=print) -> Path:
@@ -70,15 +72,8 @@ def with_defaults(cfg: TrainConfig, cuda: bool) -> TrainConfig:
 
 def prepare(cfg: TrainConfig, world_size: int, cuda: bool, log=print) -> Plan:
     """Validate every option against the inputs (``cfg`` after ``with_defaults``)."""
-    problems: list[str] = []
-
-    def attempt(fn):
-        try:
-            return fn()
-        except UserError as e:
-            problems.extend(e.problems)
-            return None
-
+    problems = Problems()
+    attempt = problems.attempt
     for name, low in (("micro_batch", 1), ("grad_accum", 1), ("seq_len", 2), ("log_every", 1)):
         if getattr(cfg, name) < low:
             problems.append(f"--{name} must be at least {low}, got {getattr(cfg, name)}")
@@ -102,7 +97,7 @@ def prepare(cfg: TrainConfig, world_size: int, cuda: bool, log=print) -> Plan:
     model_dir = attempt(lambda: resolve_model_path(cfg.model))
     reader = attempt(lambda: CheckpointReader(model_dir)) if model_dir else None
     if reader is None:
-        raise UserError(problems)
+        raise UserError(problems.items)
     with reader:
         config, names = reader.config, list(reader.tensors)
     arch = attempt(lambda: architecture_for(config))
@@ -132,6 +127,7 @@ def prepare(cfg: TrainConfig, world_size: int, cuda: bool, log=print) -> Plan:
             )
         )
     run_dir = Path(cfg.output_dir)
+    identity = checkpointing.model_identity(model_dir)
     resume_from = attempt(lambda: checkpointing.find_checkpoint(cfg.resume, run_dir))
     if resume_from is not None and trainable is not None:
         state = attempt(lambda: checkpointing.read_state(resume_from))
@@ -140,15 +136,14 @@ def prepare(cfg: TrainConfig, world_size: int, cuda: bool, log=print) -> Plan:
                 lambda: checkpointing.check_resume(
                     state,
                     resume_from,
-                    identity=checkpointing.model_identity(model_dir),
+                    identity=identity,
                     model=str(model_dir),
                     world_size=world_size,
                     trainable=trainable,
                 )
             )
-    if problems:
-        raise UserError(problems)
-    return Plan(cfg, model_dir, arch, manifest, config, ds, trainable, resume_from, run_dir)
+    problems.raise_if_any()
+    return Plan(cfg, model_dir, arch, manifest, config, ds, trainable, resume_from, run_dir, identity)
 
 
 def load_data(plan: Plan, env: DistEnv, log=print) -> PackedData:
@@ -261,7 +256,7 @@ def wrap_model(model, chosen: set[str], ds: dict, weight_decay: float, leaf_laye
     return engine, counts
 
 
-def build_engine(plan: Plan, env: DistEnv, log=print):
+def build_engine(plan: Plan):
     """(engine, counts) for a run: the model loaded into ZeRO-3 partitions, the trainable set."""
     model, hf_ds = load_model(plan.model_dir, plan.ds_config, plan.cfg.activation_checkpointing)
     chosen = set(plan.trainable)

@@ -13,7 +13,7 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,7 +55,6 @@ class Outcome:
     state: TrainState
     stopped_early: bool
     last_checkpoint: Path | None
-    records: list[dict] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -104,7 +103,7 @@ def train(
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    last_ckpt, records = None, []
+    last_ckpt = None
     try:
         while state.step < state.total_steps:
             step = state.step + 1
@@ -142,7 +141,6 @@ def train(
                 record["eval_loss"] = evaluate(engine, data, cfg, env)
                 record["eval_ppl"] = math.exp(min(record["eval_loss"], 50.0))
             metrics.write(record)
-            records.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if env.is_main and (step % cfg.log_every == 0 or finishing or "eval_loss" in record):
@@ -152,9 +150,9 @@ def train(
             if finishing or stopping or (cfg.save_every and step % cfg.save_every == 0):
                 last_ckpt = checkpointing.save(engine, env, state, ckpt_root, cfg.keep_checkpoints)
             if stopping and not finishing:
-                return Outcome(state, True, last_ckpt, records)
+                return Outcome(state, True, last_ckpt)
     finally:
         stop.restore()
         bar.close()
         metrics.close()
-    return Outcome(state, False, last_ckpt, records)
+    return Outcome(state, False, last_ckpt)
