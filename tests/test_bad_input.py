@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections import namedtuple
+from pathlib import Path
 
 import pytest
 
@@ -113,6 +114,28 @@ def test_existing_out_needs_force(tiny_llama, tmp_path, capsys):
     assert (out / "keep").exists()
     assert fuse("--model", tiny_llama, "--out", out, "--force", "--quiet") == 0
     assert not (out / "keep").exists() and (out / "deus_manifest.json").exists()
+
+
+def test_force_keeps_the_old_output_when_the_final_rename_fails(tiny_llama, tmp_path, capsys, monkeypatch):
+    """--force swaps the old output out before renaming the new one in; if that rename fails, the
+    old output is put back, so nothing the user had is lost."""
+    import errno
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("the user's old output")
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name.startswith(".out.partial-") and Path(target) == out:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="Input/output error"):
+        fuse("--model", tiny_llama, "--out", out, "--force", "--quiet")
+    assert sorted(p.name for p in out.iterdir()) == ["keep"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary or old copy
 
 
 def test_unknown_yaml_key(tiny_llama, tmp_path, capsys):

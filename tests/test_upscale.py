@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,3 +186,38 @@ def test_default_output_path(tmp_path, tiny_llama, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert fuse("--model", tiny_llama, "--method", "copy", "--quiet") == 0
     assert (tmp_path / "upscaled" / "base-copy-9L" / "deus_manifest.json").exists()
+
+
+def test_outputs_are_flushed_to_disk_before_they_are_renamed_into_place(tmp_path, tiny_llama, monkeypatch):
+    """Every file of an up-scaled checkpoint (and of a build_once cache) is fsync'ed before the
+    rename that publishes it, and the parent directory after, so a node crash right after a run
+    never leaves a renamed directory whose shards are still in the page cache."""
+    import os
+
+    from deus_dist.checkpoint.writer import build_once
+
+    log: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        log.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(src, dst, *a, **k):
+        log.append(("rename", str(src)))
+        return real_rename(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    out = tmp_path / "up"
+    assert fuse("--model", tiny_llama, "--out", out, "--method", "llama-pro", "--quiet") == 0
+    (publish,) = [i for i, (op, path) in enumerate(log) if op == "rename" and ".up.partial-" in path]
+    tmp = log[publish][1]
+    synced = {Path(path).name for op, path in log[:publish] if op == "fsync" and path.startswith(tmp)}
+    assert {p.name for p in out.iterdir()} <= synced | {out.name}
+    assert ("fsync", str(tmp_path)) in log[publish:]  # the rename itself
+
+    log.clear()
+    build_once(tmp_path / "cache", lambda d: (d / "data.bin").write_bytes(b"x" * 10))
+    (publish,) = [i for i, (op, _) in enumerate(log) if op == "rename"]
+    assert any(op == "fsync" and path.endswith("data.bin") for op, path in log[:publish])

@@ -182,6 +182,44 @@ def _remove_stale_partials(final: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path, select=None) -> None:
+    """Flush every file under ``root`` (those ``select(path)`` accepts) and the directories to disk,
+    so a rename that publishes ``root`` never points at data still in the page cache: after a
+    power loss or node crash the renamed directory is complete or absent."""
+    root = Path(root)
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            if select is None or select(path):
+                _fsync_path(path)
+        _fsync_path(Path(dirpath))
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` is swapped out first and restored if the
+    second rename fails, so the old output is never lost. The parent directory is synced after."""
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+        try:
+            tmp.rename(final)
+        except BaseException:
+            old.rename(final)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_path(final.parent)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(final: Path, force: bool, option: str = "--out") -> Iterator[Path]:
     """Yield a temporary sibling directory; on success rename it to ``final``.
@@ -199,13 +237,8 @@ def atomic_output_dir(final: Path, force: bool, option: str = "--out") -> Iterat
     tmp.mkdir()
     try:
         yield tmp
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        fsync_tree(tmp)
+        replace_dir(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
@@ -234,6 +267,7 @@ def build_once(final: Path, build) -> Path:
     tmp.mkdir()
     try:
         build(tmp)
+        fsync_tree(tmp)
         try:
             tmp.rename(final)
         except OSError:
