@@ -2,8 +2,10 @@
 
 MFU counts the useful matmul FLOPs of a step with frozen layers: the forward of every layer and
 the head; the backward's input gradients only from the lowest trainable layer up (autograd stops
-below it); weight gradients only for trainable parameters; attention scores included. Peak
-FLOPs are known for a few GPUs (dense bf16); elsewhere MFU is left out.
+below it); weight gradients only for trainable parameters; attention scores and the weighted sum
+of values included, halved for the causal mask (a token attends to the positions before it: on
+average half the sequence). Peak FLOPs are known for a few GPUs (dense bf16); elsewhere MFU is
+left out.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ def flops_per_token(
 ) -> float:
     """Matmul FLOPs per trained token of one forward + backward (see the module docstring)."""
     n_layers = len(layer_params)
-    attn = 4 * seq_len * hidden  # scores and weighted values, per layer per token, forward
+    # scores (QK^T) and weighted values (AV), per layer per token, forward: 2 * 2 * seq * hidden
+    # over the full square, half of it under the causal mask
+    attn = 2 * seq_len * hidden
     forward = sum(2 * p + attn for p in layer_params) + 2 * head_params
     trainable_layers = [i for i, p in enumerate(trainable_layer_params) if p]
     lowest = 0 if embeddings_train else (min(trainable_layers) if trainable_layers else n_layers)
