@@ -98,7 +98,33 @@ class EvalConfig:
 
 
 @dataclass
-class TrainConfig:
+class DataOptions:
+    """How training text becomes packed token blocks: shared by ``launchers/cpt.py`` and
+    ``tools/prepare_data.py``, so both compute the same cache key."""
+
+    data: str | None = None
+    """Training text: a local .json/.jsonl/.parquet/.txt/.csv file or a folder of them, or a hub
+    dataset name (org/name). Default: the training slice of the embedded Wikipedia sample."""
+    text_field: str = "text"
+    """Column holding the text."""
+    eval_data: str | None = None
+    """Held-out text (same forms as --data). Default: the held-out slice of the embedded sample for
+    the default data, else --eval_fraction of --data's documents."""
+    eval_fraction: float = 0.02
+    """Share of --data's documents held out for evaluation when --eval_data is not given."""
+    seq_len: int | None = None
+    """Tokens per packed training sequence (documents joined with EOS, then cut). Default: 2048
+    with a GPU, 256 on CPUs (tools/prepare_data.py: 2048)."""
+    data_cache: str | None = None
+    """Where the tokenized, packed data is cached (one folder per cache key). Default:
+    OUTPUT_DIR/data_cache. On node-local scratch it is built once per node."""
+    num_proc: int | None = None
+    """Tokenizer processes (datasets.map). Default: up to 8 for sources of 20,000 records or more,
+    else 1."""
+
+
+@dataclass
+class TrainConfig(DataOptions):
     """Options of ``launchers/cpt.py`` (continual pre-training of the inserted layers)."""
 
     ds_config: str | None = None
@@ -108,28 +134,19 @@ class TrainConfig:
     model: str | None = None
     """Up-scaled checkpoint (an HF directory with deus_manifest.json, or a hub name). Default: the
     embedded SmolLM2-135M up-scaled by tools/fuse_layers.py's defaults (made first if missing)."""
-    data: str | None = None
-    """Training text: a local .json/.jsonl/.parquet/.txt/.csv file or a folder of them, or a hub
-    dataset name. Default: the training slice of the embedded Wikipedia sample."""
-    text_field: str = "text"
-    """Column holding the text."""
-    eval_data: str | None = None
-    """Held-out text (same forms as --data). Default: the held-out slice of the embedded sample for
-    the default data, else --eval_fraction of --data's documents."""
-    eval_fraction: float = 0.02
-    """Share of --data's documents held out for evaluation when --eval_data is not given."""
     output_dir: str = "runs/cpt"
-    """Run directory: metrics.jsonl, checkpoints/, final/ (the exported HF checkpoint)."""
-    data_cache: str | None = None
-    """Where the tokenized, packed data is cached. Default: OUTPUT_DIR/data_cache."""
-    seq_len: int | None = None
-    """Tokens per packed training sequence (documents joined with EOS, then cut). Default: 2048
-    with a GPU, 256 on CPUs."""
+    """Run directory: metrics.jsonl, checkpoints/, final/ (the exported HF checkpoint). Must be on
+    a filesystem every node shares (checked at start-up)."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Compute precision: bf16 (weights and activations in bfloat16, fp32 master weights and Adam
+    moments) or fp32. auto: bf16 on GPUs that support it, else fp32. Fills the DeepSpeed JSON's
+    "bf16": {"enabled": "auto"}."""
     micro_batch: int | None = None
     """Sequences per rank per forward pass. Global batch = micro_batch * grad_accum * world size.
     Default: 4 with a GPU, 1 on CPUs."""
     grad_accum: int | None = None
-    """Micro-batches accumulated per optimizer step. Default: 8 with a GPU, 1 on CPUs."""
+    """Micro-batches accumulated per optimizer step. Default: 8 with a GPU, 1 on CPUs; on a resume
+    with another world size, whatever keeps the checkpoint's global batch."""
     max_steps: int | None = None
     """Optimizer steps to train for. Default: from --max_tokens, else one epoch of --data (10 steps
     on the embedded sample, a demonstration)."""
@@ -167,10 +184,14 @@ class TrainConfig:
     """Micro-batches per rank in each evaluation (0: the whole held-out set)."""
     resume: str = "auto"
     """auto (continue from the latest checkpoint in OUTPUT_DIR/checkpoints if there is one), none,
-    or the path of a checkpoint directory (OUTPUT_DIR/checkpoints or one step inside it)."""
+    or the path of a checkpoint directory (OUTPUT_DIR/checkpoints or one step inside it). A
+    checkpoint from another world size is converted (DeepSpeed's universal format) and continued."""
     stop_at_step: int | None = None
-    """Save and stop after this step without finishing the schedule (for time-limited jobs; resume
-    later with the same options)."""
+    """Save and stop after this step without finishing the schedule (exit status 0; resume later
+    with the same options)."""
+    dist_timeout: float = 1800.0
+    """Seconds a collective waits for its peers before the run fails. Data preparation and
+    up-scaling never run inside a collective, so this only needs to cover a step and a save."""
     export: bool = True
     """Export OUTPUT_DIR/final (plain HF checkpoint) at the end."""
     seed: int = 0
@@ -181,3 +202,16 @@ class TrainConfig:
     """No progress bar."""
     local_rank: int | None = None
     """Set by the deepspeed launcher; otherwise read from LOCAL_RANK or SLURM_LOCALID."""
+
+
+@dataclass
+class PrepareDataConfig(DataOptions):
+    """Options of ``tools/prepare_data.py``: the data options of cpt.py, and the model whose tokenizer
+    is used."""
+
+    model: str | None = None
+    """Checkpoint whose tokenizer is used (the up-scaled model, or its base: fuse_layers copies the
+    tokenizer files, so both give the same cache key), or a hub name. Default: the embedded
+    SmolLM2-135M."""
+    quiet: bool = False
+    """No progress bars."""

@@ -10,9 +10,16 @@ from __future__ import annotations
 class UserError(Exception):
     """Bad input from the user. ``problems`` lists every issue found, each naming its option."""
 
+    rank: int | None = None
+    """In a distributed run, the one rank that found the problem and reports it; None when every
+    rank finds the same problems (rank 0 reports them)."""
+
     def __init__(self, problems: str | list[str]):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__(self._format())
+
+    def reported_by(self, rank: int) -> bool:
+        return rank == (0 if self.rank is None else self.rank)
 
     def _format(self) -> str:
         if len(self.problems) == 1:

@@ -192,13 +192,13 @@ def write_wiki_jsonl(path: Path, articles: int = 12, chars: int = 6000) -> Path:
     return path
 
 
-def launch_cmd(args, launcher: str = "deepspeed", nproc: int = 2) -> list[str]:
-    """The command line that starts launchers/cpt.py under ``launcher`` with ``nproc`` ranks."""
+def launch_cmd(args, launcher: str = "deepspeed", nproc: int = 2, script: Path | None = None) -> list[str]:
+    """The command line that starts ``script`` (launchers/cpt.py) under ``launcher`` with ``nproc`` ranks."""
     import sys
 
     from deus_dist.train.dist import free_port
 
-    script = str(REPO / "launchers" / "cpt.py")
+    script = str(script or REPO / "launchers" / "cpt.py")
     port = str(free_port())
     if launcher == "deepspeed":
         head = [
@@ -227,6 +227,77 @@ def launch_cmd(args, launcher: str = "deepspeed", nproc: int = 2) -> list[str]:
     return head + [script] + [str(a) for a in args]
 
 
+def node_cmds(args, launcher: str, nodes: int = 2, per_node: int = 1) -> list[list[str]]:
+    """One launcher command per simulated node (all on loopback), as a multi-node job runs them:
+    ``deepspeed --hostfile H --no_ssh --node_rank R`` or ``torchrun --nnodes N --node_rank R``.
+    ``args`` is a list, or a function of the node rank giving its list (node-local paths)."""
+    import sys
+    import tempfile
+
+    from deus_dist.train.dist import free_port
+
+    port = str(free_port())
+    script = str(REPO / "launchers" / "cpt.py")
+    cmds = []
+    for node in range(nodes):
+        node_args = [str(a) for a in (args(node) if callable(args) else args)]
+        if launcher == "deepspeed":
+            hostfile = Path(tempfile.mkdtemp()) / "hostfile"
+            hostfile.write_text("".join(f"node{n} slots={per_node}\n" for n in range(nodes)))
+            head = [
+                sys.executable,
+                "-m",
+                "deepspeed.launcher.runner",
+                "--hostfile",
+                str(hostfile),
+                "--no_ssh",
+                "--node_rank",
+                str(node),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+            ]
+        else:
+            head = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                str(nodes),
+                "--node_rank",
+                str(node),
+                "--nproc_per_node",
+                str(per_node),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+            ]
+        cmds.append(head + [script] + node_args)
+    return cmds
+
+
+def launch_nodes(cmds: list[list[str]], timeout: int = 600) -> list:
+    """Start every node's launcher at once and wait for all; returns their CompletedProcess."""
+    import subprocess
+
+    procs = [
+        subprocess.Popen(c, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for c in cmds
+    ]
+    done = []
+    try:
+        for c, p in zip(cmds, procs, strict=True):
+            out, err = p.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(c, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return done
+
+
 def launch_env() -> dict:
     env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")
@@ -242,11 +313,17 @@ def launch_env() -> dict:
     return env
 
 
-def launch(args, launcher: str = "deepspeed", nproc: int = 2, timeout: int = 600, check: bool = True):
+def launch(
+    args, launcher: str = "deepspeed", nproc: int = 2, timeout: int = 600, check: bool = True, script=None
+):
     import subprocess
 
     proc = subprocess.run(
-        launch_cmd(args, launcher, nproc), env=launch_env(), capture_output=True, text=True, timeout=timeout
+        launch_cmd(args, launcher, nproc, script),
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -257,3 +334,55 @@ def launch(args, launcher: str = "deepspeed", nproc: int = 2, timeout: int = 600
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+# -- the shared training run (used by the distributed and cluster tests) ---------------------------
+
+TRAIN_COMMON = [
+    "--seq_len",
+    "64",
+    "--micro_batch",
+    "2",
+    "--lr",
+    "3e-3",
+    "--warmup_steps",
+    "0",
+    "--eval_batches",
+    "2",
+    "--quiet",
+]
+"""Every test run: 64-token blocks, micro-batch 2 (global batch 8 with --grad_accum 2 on 2 ranks)."""
+
+
+@pytest.fixture(scope="session")
+def train_setup(tmp_path_factory):
+    """(root, model, data): a tiny up-scaled model (6 -> 9 layers) and real Wikipedia text."""
+    root = tmp_path_factory.mktemp("train")
+    model = make_training_model(root)
+    data = write_wiki_jsonl(root / "wiki.jsonl")
+    return root, model, data
+
+
+def train_args(setup, run: str, *extra, cache: str = "cache") -> list:
+    root, model, data = setup
+    return [
+        "--ds_config",
+        REPO / "ds_configs" / "zero3_cpu.json",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--output_dir",
+        root / run,
+        "--data_cache",
+        root / cache,
+        *TRAIN_COMMON,
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(train_setup):
+    """6 steps in one go on 2 ranks (global batch 8) under the deepspeed launcher."""
+    launch(train_args(train_setup, "full", "--grad_accum", "2", "--max_steps", "6"))
+    return train_setup[0] / "full"

@@ -196,7 +196,7 @@ def test_checkpoint_from_another_model_is_refused(tmp_path, up, capsys):
     (run / "checkpoints" / "step-00000002").mkdir(parents=True)
     (run / "checkpoints" / "step-00000002" / "trainer_state.json").write_text(json.dumps(asdict(state)))
     err = _errors(capsys, "--model", up, "--data", data, "--output_dir", run)
-    assert "--resume: " in err and f"was trained from {other}" in err
+    assert "--model: " in err and f"was trained from {other}" in err
 
 
 def test_data_errors_name_their_option(tmp_path, up):
@@ -226,18 +226,90 @@ def test_data_errors_name_their_option(tmp_path, up):
 def test_rank_layout_from_launchers_and_slurm(monkeypatch):
     from deus_dist.train.dist import layout
 
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"):
+    for var in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "SLURM_PROCID",
+        "SLURM_LOCALID",
+        "SLURM_NTASKS",
+        "SLURM_STEP_NUM_TASKS",
+    ):
         monkeypatch.delenv(var, raising=False)
     assert layout() == (0, 0, 1)
+    # the batch script of a 16-task allocation: a plain `python` there is one process, not rank 0
+    # of 16 peers that will never come
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    assert layout() == (0, 0, 1)
+    # a task srun started
     monkeypatch.setenv("SLURM_PROCID", "9")
     monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "16")
     assert layout() == (9, 1, 16)
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert layout() == (3, 3, 4)  # torchrun/deepspeed variables win over SLURM's
     assert layout(local_rank_flag=2) == (3, 2, 4)  # --local_rank from the deepspeed launcher
+
+
+def test_gpu_choice_follows_the_visible_devices():
+    from deus_dist.train.dist import cuda_device_index
+
+    assert cuda_device_index(local_rank=5, visible=8) == 5  # every task of a node sees every GPU
+    assert cuda_device_index(local_rank=5, visible=1) == 0  # srun --gpus-per-task=1
+    with pytest.raises(UserError, match="local rank 3 but only 2 GPU"):
+        cuda_device_index(local_rank=3, visible=2)
+
+
+def test_init_picks_the_visible_gpu_with_a_mocked_device_count(monkeypatch):
+    """init_distributed on a node where SLURM gave each task one GPU (LOCAL_RANK 3, one device
+    visible): it drives cuda:0, not cuda:3. CUDA and the process group are mocked."""
+    import torch
+
+    from deus_dist.train import dist
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # no real NCCL group here
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda objects, src: None)
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_NODELIST"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "11")
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "16")
+    env = dist.init_distributed()
+    assert chosen == [0] and env.device == torch.device("cuda", 0)
+    assert (env.rank, env.local_rank, env.world_size) == (11, 3, 16)
+
+
+def test_slurm_master_port_comes_from_the_job_id(monkeypatch):
+    from deus_dist.train import dist
+
+    # _export_layout writes these: registered here so the test leaves the environment as it was
+    for var in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "MASTER_PORT",
+        "MASTER_ADDR",
+        "SLURM_JOB_NODELIST",
+        "SLURM_NODELIST",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "16")
+    monkeypatch.setenv("SLURM_PROCID", "4")
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    dist._export_layout(4, 0, 16)
+    port = int(dist.os.environ["MASTER_PORT"])
+    assert port == dist.slurm_master_port("123456") and 20000 <= port < 60000
+    assert dist.slurm_master_port("123457") != port  # the next job on the node uses another port
+    monkeypatch.setenv("MASTER_PORT", "31000")  # given: kept
+    dist._export_layout(4, 0, 16)
+    assert dist.os.environ["MASTER_PORT"] == "31000"
 
 
 def test_parquet_and_text_folders_load(tmp_path, up):
@@ -259,3 +331,168 @@ def test_parquet_and_text_folders_load(tmp_path, up):
     (folder / "extra.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(UserError, match="--data: .* mixes file kinds"):
         prepare_data(data=str(folder), text_field="text", cache_root=tmp_path / "c3", **kw)
+
+
+# -- resuming: what must match, found before any rank starts ------------------------------------------
+
+
+def _checkpoint_of(tmp_path, up, data, *options) -> Path:
+    """A run directory holding the trainer state a run with ``options`` would save at step 2 (no
+    DeepSpeed files: whatever passes the option checks is then refused for those)."""
+    from deus_dist.train import engine
+
+    run = tmp_path / "run"
+    cfg = parse_config(
+        TrainConfig,
+        [
+            "--model",
+            str(up),
+            "--data",
+            str(data),
+            "--output_dir",
+            str(run),
+            "--data_cache",
+            str(tmp_path / "c"),
+            *map(str, options),
+        ],
+        "t",
+        "",
+    )
+    plan = engine.prepare(cfg, 2, False, log=lambda *a: None)
+    state = engine.fresh_state(plan, 10)
+    state.step, state.consumed = 2, 16
+    ckpt = run / "checkpoints" / "step-00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps(asdict(state)))
+    return run
+
+
+def test_resume_refuses_changed_options_naming_both_values(tmp_path, up, capsys):
+    data = write_wiki_jsonl(tmp_path / "d.jsonl", articles=4)
+    run = _checkpoint_of(
+        tmp_path, up, data, "--seq_len", "32", "--micro_batch", "2", "--grad_accum", "2", "--seed", "1"
+    )
+    common = ["--model", up, "--output_dir", run, "--data_cache", tmp_path / "c"]
+    err = _errors(capsys, *common, "--data", data, "--seq_len", "64", "--seed", "2", "--grad_accum", "3")
+    assert "--seq_len: " in err and "trained with 32, this run has 64" in err and "--seq_len 32" in err
+    assert "--seed: " in err and "--seed 1, this run has 2" in err
+    assert "global batch of 8 sequences, this run has 2 x 3 x 1 rank(s) = 6" in err
+    assert "--resume none" in err  # the way forward
+    other = tmp_path / "other.jsonl"
+    other.write_text(data.read_text().replace("the", "a"))
+    err = _errors(capsys, *common, "--data", other)
+    assert "--data: " in err and "trained on other data" in err
+    assert "--text_field: " in _errors(capsys, *common, "--data", data, "--text_field", "title")
+    # the same corpus staged at another path is the same data: only the (absent) DeepSpeed files
+    # are missing now, and --grad_accum left out is chosen to keep the global batch on 1 rank
+    staged = tmp_path / "scratch" / "copy.jsonl"
+    staged.parent.mkdir()
+    staged.write_bytes(data.read_bytes())
+    err = _errors(capsys, *common, "--data", staged, "--seed", "1")
+    assert "--data" not in err and "--grad_accum" not in err and "has no model states of rank 0" in err
+
+
+def test_resume_that_cannot_keep_the_global_batch_says_what_to_pass(tmp_path, up, capsys):
+    data = write_wiki_jsonl(tmp_path / "d.jsonl", articles=4)
+    run = _checkpoint_of(tmp_path, up, data, "--micro_batch", "3", "--grad_accum", "1")  # 3 x 1 x 2 ranks = 6
+    err = _errors(
+        capsys,
+        "--model",
+        up,
+        "--output_dir",
+        run,
+        "--data",
+        data,
+        "--data_cache",
+        tmp_path / "c",
+        "--micro_batch",
+        "4",
+    )
+    assert "global batch of 6 sequences cannot be split into --micro_batch 4 x 1 rank(s)" in err
+
+
+def test_rank_files_follow_deepspeeds_names_in_both_precisions(tmp_path):
+    import zipfile
+
+    for name in (
+        "zero_pp_rank_0_mp_rank_00_model_states.pt",
+        "zero_pp_rank_1_mp_rank_00_model_states.pt",
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ):
+        with zipfile.ZipFile(tmp_path / name, "w") as z:
+            z.writestr("data.pkl", b"x")
+    found = checkpointing.rank_files(tmp_path)
+    assert sorted(found["optim"]) == [0, 1] and found["optim"][1].name.startswith("bf16_")
+    assert checkpointing.damaged_files(tmp_path, 2) == []
+    (tmp_path / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"truncated")
+    (problem,) = checkpointing.damaged_files(tmp_path, 2)
+    assert "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt is missing or corrupt" in problem
+    (problem, *_) = checkpointing.damaged_files(tmp_path, 3)
+    assert "no model states of rank 2" in problem
+
+
+def test_precision_fills_the_json_and_contradictions_are_named():
+    raw = load_ds_config(REPO / "ds_configs" / "zero3_cpu.json")
+    assert resolve(raw)["bf16"]["enabled"] is False  # auto on a CPU: fp32
+    assert resolve(raw, cuda=True)["bf16"]["enabled"] is True  # auto on a GPU with bf16
+    assert resolve(raw, cuda=True, bf16_supported=False)["bf16"]["enabled"] is False  # e.g. a V100
+    assert resolve(raw, precision="bf16")["bf16"]["enabled"] is True  # bf16 on the CPU accelerator
+    with pytest.raises(UserError, match="--precision fp32 disagrees with bf16.enabled=True"):
+        resolve({**raw, "bf16": {"enabled": True}}, precision="fp32")
+
+
+def test_flops_per_token_halves_causal_attention():
+    from deus_dist.train.metrics import flops_per_token
+
+    kw = dict(layer_params=[100, 100], head_params=50, hidden=8, seq_len=16, embeddings_train=False)
+    attn = 2 * 16 * 8  # QK^T and AV over the lower triangle: half of 4 * seq * hidden
+    top = flops_per_token(trainable_layer_params=[0, 100], **kw)
+    forward = 2 * 200 + 2 * attn + 2 * 50
+    backward_inputs = (2 * 100 + 2 * attn) + 2 * 50  # only from the lowest trainable layer up
+    assert top == forward + backward_inputs + 2 * 100
+
+
+def test_path_like_data_that_does_not_exist_is_an_error_not_a_hub_lookup(tmp_path, monkeypatch):
+    from deus_dist.train.data import looks_like_path, source_identity
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    for value in ("corpus/missing.jsonl", "./wiki", "corpus/fineweb", "data.parquet", "/abs/path"):
+        assert looks_like_path(value), value
+        with pytest.raises(UserError, match=f"--data: {value} does not exist"):
+            source_identity(value, "--data")
+    assert not looks_like_path("HuggingFaceFW/fineweb-edu")
+    assert source_identity("HuggingFaceFW/fineweb-edu", "--data").builder == "hub"
+
+
+def test_prepare_data_tool_reports_bad_input(tmp_path, up, capsys):
+    from deus_dist.cli.prepare_data import main as prepare_main
+
+    assert (
+        prepare_main(
+            ["--model", str(tmp_path / "nope"), "--data", str(tmp_path / "missing.jsonl"), "--num_proc", "0"]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "--model: " in err and "--num_proc must be positive" in err
+    data = write_wiki_jsonl(tmp_path / "d.jsonl", articles=2)
+    assert (
+        prepare_main(
+            [
+                "--model",
+                str(up),
+                "--data",
+                str(data),
+                "--text_field",
+                "body",
+                "--data_cache",
+                str(tmp_path / "c"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    assert "--text_field: " in capsys.readouterr().err
+    assert not [p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]

@@ -1,13 +1,15 @@
 """The training engine end to end: real DeepSpeed ZeRO-3, 2 ranks over gloo on the CPU.
 
-One module-scoped tiny up-scaled model (6 -> 9 layers, opt-deus, zero-init new blocks) trained on
-real Wikipedia text with a character tokenizer. Runs are kept to a few steps of 64 tokens.
+One session-scoped tiny up-scaled model (6 -> 9 layers, opt-deus, zero-init new blocks) trained on
+real Wikipedia text with a character tokenizer (conftest's ``train_setup``); runs are a few steps
+of 64-token blocks, global batch 8.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -17,70 +19,47 @@ import pytest
 import torch
 
 from conftest import (
+    REPO,
     launch,
     launch_cmd,
     launch_env,
     load_manifest,
-    make_training_model,
     read_metrics,
     state_dict,
-    write_wiki_jsonl,
+    train_args,
 )
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-COMMON = [
-    "--seq_len",
-    "64",
-    "--micro_batch",
-    "2",
-    "--grad_accum",
-    "2",
-    "--lr",
-    "3e-3",
-    "--warmup_steps",
-    "0",
-    "--eval_batches",
-    "2",
-    "--quiet",
-]
+DUMP = REPO / "tests" / "helpers" / "dump_trainable_state.py"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    model = make_training_model(root)
-    data = write_wiki_jsonl(root / "wiki.jsonl")
-    return root, model, data
+def stopped(train_setup):
+    """2 ranks, global batch 8, stopped after step 3 of 6 (a checkpoint at step 3)."""
+    launch(train_args(train_setup, "stopped", "--grad_accum", "2", "--max_steps", "6", "--stop_at_step", "3"))
+    return train_setup[0] / "stopped"
 
 
-def args(setup, run: str, *extra) -> list[str]:
-    root, model, data = setup
-    return [
-        "--ds_config",
-        Path(__file__).parents[1] / "ds_configs" / "zero3_cpu.json",
-        "--model",
-        model,
-        "--data",
-        data,
-        "--output_dir",
-        root / run,
-        "--data_cache",
-        root / "cache",
-        *COMMON,
-        *extra,
-    ]
+def copy_run(src: Path, name: str) -> Path:
+    dst = src.parent / name
+    shutil.copytree(src, dst)
+    return dst
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(setup):
-    """6 steps in one go under the deepspeed launcher."""
-    launch(args(setup, "full", "--max_steps", "6"))
-    return setup[0] / "full"
+def assert_continues(run: Path, reference: Path, rel: float) -> None:
+    """Every step's loss and lr of ``run`` equal the reference run's, and so do the final weights."""
+    a, b = read_metrics(reference), read_metrics(run)
+    assert [r["step"] for r in b] == [r["step"] for r in a]
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=rel), (ra, rb)
+        assert rb["lr"] == pytest.approx(ra["lr"], rel=1e-12)
+    wa, wb = state_dict(reference / "final"), state_dict(run / "final")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=10 * rel, atol=1e-6)
 
 
-def test_loss_falls_and_only_new_layers_change(setup, uninterrupted):
-    _, model, _ = setup
+def test_loss_falls_and_only_new_layers_change(train_setup, uninterrupted):
+    _, model, data = train_setup
     records = read_metrics(uninterrupted)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     losses = [r["loss"] for r in records]
@@ -104,9 +83,7 @@ def test_loss_falls_and_only_new_layers_change(setup, uninterrupted):
     from deus_dist.configs import EvalConfig
 
     report = eval_run(
-        EvalConfig(
-            model=str(uninterrupted / "final"), data=str(setup[2]), seq_len=64, max_tokens=512, quiet=True
-        )
+        EvalConfig(model=str(uninterrupted / "final"), data=str(data), seq_len=64, max_tokens=512, quiet=True)
     )
     assert report["perplexity"] < 100
     manifest = load_manifest(uninterrupted / "final")
@@ -114,39 +91,127 @@ def test_loss_falls_and_only_new_layers_change(setup, uninterrupted):
     assert manifest["new_layers"] == sorted(new)
 
 
-def test_resumed_run_equals_uninterrupted(setup, uninterrupted):
-    first = launch(args(setup, "resumed", "--max_steps", "6", "--stop_at_step", "3"))
-    assert "stopped after step 3" in first.stdout
-    run = setup[0] / "resumed"
-    assert not (run / "final").exists()
-    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+def test_resumed_run_equals_uninterrupted(train_setup, uninterrupted, stopped):
+    assert [r["step"] for r in read_metrics(stopped)] == [1, 2, 3]
+    assert not (stopped / "final").exists()
+    run = copy_run(stopped, "resumed")
     second = launch(
-        args(setup, "resumed", "--max_steps", "6", "--save_every", "1", "--keep_checkpoints", "2")
+        train_args(train_setup, "resumed", "--max_steps", "6", "--save_every", "1", "--keep_checkpoints", "2")
     )
     assert "resumed from" in second.stdout
     kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
     assert kept == ["step-00000005", "step-00000006"]
-    a, b = read_metrics(uninterrupted), read_metrics(run)
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
-    for ra, rb in zip(a, b, strict=True):
-        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6), (ra, rb)
-        assert rb["lr"] == ra["lr"]
-    wa, wb = state_dict(uninterrupted / "final"), state_dict(run / "final")
-    for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6)
+    assert_continues(run, uninterrupted, rel=1e-5)
 
 
-def test_trainable_all_changes_everything(setup):
-    launch(args(setup, "all", "--max_steps", "2", "--trainable", "all"))
-    base, final = state_dict(setup[1]), state_dict(setup[0] / "all" / "final")
+def dump(setup, run: str, nproc: int, out: Path) -> dict:
+    """Every trainable tensor's fp32 master and Adam moments after the launcher's resume path."""
+    cmd = launch_cmd([out, *train_args(setup, run, "--max_steps", "6")], "torchrun", nproc, script=DUMP)
+    proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert (a["step"], a["consumed"]) == (b["step"], b["consumed"])
+    assert a["tensors"].keys() == b["tensors"].keys() and a["tensors"]
+    for name, states in a["tensors"].items():
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(states[key], b["tensors"][name][key]), (name, key)
+        assert states["exp_avg_sq"].abs().sum() > 0  # real moments, not a fresh optimizer
+
+
+def test_resume_on_fewer_ranks_converts_the_checkpoint(train_setup, uninterrupted, stopped, tmp_path):
+    """2 ranks -> 1: DeepSpeed's universal checkpoint carries the fp32 masters and Adam moments
+    exactly; --grad_accum doubles to keep the global batch, so the losses continue as the
+    uninterrupted run's."""
+    run = copy_run(stopped, "to-one")
+    source = dump(train_setup, "to-one", 2, tmp_path / "two.pt")
+    converted = dump(train_setup, "to-one", 1, tmp_path / "one.pt")
+    assert (run / "checkpoints" / "step-00000003" / "universal").is_dir()
+    assert_same_state(source, converted)
+    proc = launch(train_args(train_setup, "to-one", "--max_steps", "6"), nproc=1)
+    assert "world size 2 -> 1: --grad_accum 4 keeps the global batch of 8 sequences" in proc.stdout
+    assert_continues(run, uninterrupted, rel=1e-4)
+
+
+def test_resume_on_more_ranks_converts_the_checkpoint(train_setup, uninterrupted, tmp_path):
+    """1 rank (global batch 8 as 2 x 4) -> 2 ranks: the same sequences make every step, before and
+    after the conversion."""
+    root = train_setup[0]
+    launch(
+        train_args(train_setup, "to-two", "--grad_accum", "4", "--max_steps", "6", "--stop_at_step", "3"),
+        nproc=1,
+    )
+    source = dump(train_setup, "to-two", 1, tmp_path / "one.pt")
+    converted = dump(train_setup, "to-two", 2, tmp_path / "two.pt")
+    assert_same_state(source, converted)
+    proc = launch(train_args(train_setup, "to-two", "--max_steps", "6"), nproc=2)
+    assert "world size 1 -> 2: --grad_accum 2 keeps the global batch of 8 sequences" in proc.stdout
+    assert_continues(root / "to-two", uninterrupted, rel=1e-4)
+
+
+def test_bf16_runs_resume_exactly_and_reuse_a_prepared_cache(train_setup, tmp_path):
+    """bf16 on the CPU accelerator: DeepSpeed names the optimizer partitions bf16_zero_pp_rank_*,
+    and a stopped run resumes to the uninterrupted run's losses and weights. The data comes from
+    tools/prepare_data.py (two tokenizer processes), which the launcher reuses untouched."""
+    from deus_dist.cli.prepare_data import main as prepare_main
+
+    root, model, data = train_setup
+    prepared = root / "prepared"
+    assert (
+        prepare_main(
+            [
+                "--model",
+                str(model),
+                "--data",
+                str(data),
+                "--seq_len",
+                "64",
+                "--data_cache",
+                str(prepared),
+                "--num_proc",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    (folder,) = prepared.iterdir()
+    stamp = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    bf16 = ["--precision", "bf16", "--grad_accum", "2", "--max_steps", "4"]
+    whole = launch(train_args(train_setup, "bf16-full", *bf16, cache="prepared"))
+    assert "tokenizing" not in whole.stdout and "in bf16" in whole.stdout
+    assert list(prepared.iterdir()) == [folder]
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
+    launch(train_args(train_setup, "bf16-part", *bf16, "--stop_at_step", "2", cache="prepared"))
+    ckpt = root / "bf16-part" / "checkpoints" / "step-00000002"
+    names = sorted(p.name for p in ckpt.glob("*_states.pt"))
+    assert "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt" in names, names
+    again = launch(
+        train_args(train_setup, "bf16-part", "--precision", "bf16", "--max_steps", "4", cache="prepared")
+    )
+    assert "resumed from" in again.stdout
+    assert_continues(root / "bf16-part", root / "bf16-full", rel=1e-6)
+    state = json.loads(
+        (root / "bf16-part" / "checkpoints" / "step-00000004" / "trainer_state.json").read_text()
+    )
+    assert state["precision"] == "bf16" and state["global_batch"] == 8
+
+
+def test_trainable_all_changes_everything(train_setup):
+    launch(train_args(train_setup, "all", "--grad_accum", "2", "--max_steps", "2", "--trainable", "all"))
+    base, final = state_dict(train_setup[1]), state_dict(train_setup[0] / "all" / "final")
     unchanged = [n for n in base if torch.equal(base[n], final[n])]
     assert unchanged == []
 
 
-def test_sigterm_under_torchrun_leaves_a_resumable_checkpoint(setup):
-    root = setup[0]
+def test_sigterm_under_torchrun_leaves_a_resumable_checkpoint(train_setup):
+    root = train_setup[0]
     run = root / "preempted"
-    cmd = launch_cmd(args(setup, "preempted", "--max_steps", "400"), launcher="torchrun")
+    cmd = launch_cmd(
+        train_args(train_setup, "preempted", "--grad_accum", "2", "--max_steps", "400"), "torchrun"
+    )
     proc = subprocess.Popen(
         cmd,
         env=launch_env(),
@@ -168,7 +233,8 @@ def test_sigterm_under_torchrun_leaves_a_resumable_checkpoint(setup):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert "stopped after step" in out, out[-3000:]
+    assert "stopped on a signal after step" in out, out[-3000:]
+    assert proc.returncode != 0  # torchrun reports its workers' status 3 as a failure of its own
     ckpts = sorted((run / "checkpoints").glob("step-*"))
     assert len(ckpts) == 1 and not list((run / "checkpoints").glob(".partial*"))
     state = json.loads((ckpts[0] / "trainer_state.json").read_text())
@@ -177,39 +243,54 @@ def test_sigterm_under_torchrun_leaves_a_resumable_checkpoint(setup):
     assert [r["step"] for r in read_metrics(run)] == list(range(1, saved + 1))
     # the same command continues from the checkpoint (stopping one step later to stay quick)
     again = launch(
-        args(setup, "preempted", "--max_steps", "400", "--stop_at_step", str(saved + 1)), launcher="torchrun"
+        train_args(train_setup, "preempted", "--max_steps", "400", "--stop_at_step", str(saved + 1)),
+        launcher="torchrun",
     )
     assert f"at step {saved}" in again.stdout
     assert [r["step"] for r in read_metrics(run)] == list(range(1, saved + 2))
 
 
-def test_resume_on_another_world_size_is_refused(setup, uninterrupted):
-    proc = launch(args(setup, "full", "--max_steps", "8"), nproc=1, check=False)
-    assert proc.returncode == 2
-    assert "written by 2 ranks but this run has 1" in proc.stderr
-    assert "tools/export_hf.py" in proc.stderr
-
-
-def test_layer_granular_zero3_fetching_computes_the_same(setup, uninterrupted):
+def test_layer_granular_zero3_fetching_computes_the_same(train_setup, uninterrupted):
     """The speed setting (decoder layers as ZeRO-3 leaves) against DeepSpeed's per-module hooks."""
-    launch(args(setup, "noleaf", "--max_steps", "6", "--no_zero3_leaf_layers", "--no_export"))
-    a, b = read_metrics(uninterrupted), read_metrics(setup[0] / "noleaf")
+    launch(
+        train_args(
+            train_setup,
+            "noleaf",
+            "--grad_accum",
+            "2",
+            "--max_steps",
+            "6",
+            "--no_zero3_leaf_layers",
+            "--no_export",
+        )
+    )
+    a, b = read_metrics(uninterrupted), read_metrics(train_setup[0] / "noleaf")
     for ra, rb in zip(a, b, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4), (ra, rb)
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-3), (ra, rb)
 
 
-def test_activation_checkpointing_computes_the_same(setup, uninterrupted):
-    launch(args(setup, "ckpt", "--max_steps", "6", "--stop_at_step", "3", "--activation_checkpointing"))
-    a, b = read_metrics(uninterrupted)[:3], read_metrics(setup[0] / "ckpt")
+def test_activation_checkpointing_computes_the_same(train_setup, uninterrupted):
+    launch(
+        train_args(
+            train_setup,
+            "ckpt",
+            "--grad_accum",
+            "2",
+            "--max_steps",
+            "6",
+            "--stop_at_step",
+            "3",
+            "--activation_checkpointing",
+        )
+    )
+    a, b = read_metrics(uninterrupted)[:3], read_metrics(train_setup[0] / "ckpt")
     for ra, rb in zip(a, b, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4), (ra, rb)
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-3), (ra, rb)
 
 
-def test_export_tool_and_damaged_checkpoints(setup, uninterrupted, tmp_path, capsys):
-    import shutil
-
+def test_export_tool_and_damaged_checkpoints(train_setup, uninterrupted, tmp_path, capsys):
     from deus_dist.cli.export import main as export_main
 
     out = tmp_path / "export"
@@ -228,19 +309,32 @@ def test_export_tool_and_damaged_checkpoints(setup, uninterrupted, tmp_path, cap
     victim.write_bytes(victim.read_bytes()[:1000])
     assert export_main([str(damaged / "checkpoints"), str(tmp_path / "y")]) == 2
     assert "corrupt" in capsys.readouterr().err and not (tmp_path / "y").exists()
-    proc = launch(args(setup, "x", "--max_steps", "8", "--output_dir", damaged), check=False)
-    assert (
-        proc.returncode != 0
-        and "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing or corrupt" in proc.stderr
+    proc = launch(train_args(train_setup, "x", "--max_steps", "8", "--output_dir", damaged), check=False)
+    assert proc.returncode == 2
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing or corrupt" in proc.stderr
+
+
+def test_failed_data_build_stops_every_rank_with_its_message(train_setup):
+    """Rank 0 builds the cache while rank 1 waits on a marker file: rank 0's error (a missing
+    column) reaches rank 1 too, and the job ends at once with one message."""
+    start = time.monotonic()
+    proc = launch(
+        train_args(train_setup, "bad-field", "--text_field", "body", "--max_steps", "2", cache="bad-cache"),
+        check=False,
+        timeout=300,
     )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("--text_field: ") == 1 and "has no column 'body'" in proc.stderr
+    assert time.monotonic() - start < 240
 
 
 def test_defaults_make_the_embedded_model_first_and_train(tmp_path):
     """The README's CPU command with nothing given: rank 0 up-scales the embedded SmolLM2 into
-    ./upscaled while rank 1 waits, then both train on the embedded Wikipedia sample."""
-    import subprocess
-
-    cmd = launch_cmd(["--max_steps", "1", "--eval_batches", "1", "--no_export", "--quiet"])
+    ./upscaled and packs the embedded Wikipedia sample while rank 1 waits on marker files, longer
+    than the collective timeout (--dist_timeout 10), then both train."""
+    cmd = launch_cmd(
+        ["--max_steps", "1", "--eval_batches", "1", "--no_export", "--quiet", "--dist_timeout", "10"]
+    )
     proc = subprocess.run(cmd, env=launch_env(), cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "up-scaling the embedded model first" in proc.stdout

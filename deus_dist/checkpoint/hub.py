@@ -11,12 +11,16 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
 
+def is_hub_name(value: str) -> bool:
+    """``org/name`` that is not a local path: resolve_model_path fetches it from the hub."""
+    return not Path(value).expanduser().exists() and bool(_HUB_NAME.match(value))
+
+
 def resolve_model_path(value: str, option: str = "--model") -> Path:
     """A local directory as is; ``org/name`` that is not a local path is fetched from the HF hub
     (for users on clusters; honours ``HF_HUB_OFFLINE`` and the local hub cache)."""
-    path = Path(value).expanduser()
-    if path.exists() or not _HUB_NAME.match(value):
-        return path
+    if not is_hub_name(value):
+        return Path(value).expanduser()
     try:
         from huggingface_hub import snapshot_download
 

@@ -1,10 +1,13 @@
 """Training data: load with ``datasets``, tokenize once, pack into ``seq_len`` blocks, order by seed.
 
-Documents are tokenized without special tokens, each followed by EOS, concatenated and cut into
-blocks of ``seq_len`` tokens (the remainder is dropped), as in the paper's recipe. The packed
-blocks are cached as raw int32 files under a key of (source files, text field, tokenizer, seq_len,
-split), built by one process and memory-mapped by all. The held-out split is chosen by document
-with a fixed seed, so it does not change with ``--seed``.
+Documents are tokenized without special tokens (``datasets.map`` with ``num_proc`` worker
+processes), each followed by EOS, concatenated and cut into blocks of ``seq_len`` tokens (the
+remainder is dropped), as in the paper's recipe. The packed blocks are cached as raw int32 files
+under a key of (source content, text field, tokenizer, seq_len, held-out split), built by one
+process per filesystem and memory-mapped by all. The key holds each file's name relative to the
+source, its size and a digest of samples of its bytes, never its absolute path or time: a corpus
+copied to another scratch path has the same key, so its cache is reused and a run resumes on it.
+The held-out split is chosen by document with a fixed seed, so it does not change with ``--seed``.
 
 Order: epoch ``e`` visits the training blocks in ``permutation(seed + e)``; a run's data position
 is the number of blocks consumed so far (``consumed``), which is all a resume needs.
@@ -15,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
 import shutil
 import sys
-from collections.abc import Iterator
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +50,39 @@ TOKENIZER_FILES = (
 )
 SPLIT_SEED = 1234  # fixed: the held-out documents do not move with --seed
 EMBEDDED = "embedded:wikipedia"
+FORMAT = 2
+_HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SAMPLE_BYTES = 1 << 12
+SAMPLES = 4
+"""A source file's digest reads SAMPLES windows of SAMPLE_BYTES (16 KiB a file, on every rank)."""
+AUTO_PROC_RECORDS = 20_000
+"""Sources with fewer records are tokenized in this process: starting workers costs more."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A text source: what its cache key holds (``key``) and how to open it."""
+
+    label: str
+    """For messages: the path or name the user gave."""
+    key: dict
+    """Content identity: files by relative name, size and sampled digest; or the hub name."""
+    files: tuple[Path, ...] = ()
+    builder: str | None = None
+
+
+def _content_digest(path: Path, size: int) -> str:
+    """sha256 of ``SAMPLES`` evenly spaced windows of the file (the first and the last among them):
+    with the size, enough to tell corpora apart without reading terabytes at every start-up."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= SAMPLES * SAMPLE_BYTES:
+            h.update(f.read())
+        else:
+            for i in range(SAMPLES):
+                f.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+                h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()[:32]
 
 
 def _local_files(path: Path, option: str) -> tuple[str, list[Path]]:
@@ -62,119 +100,169 @@ def _local_files(path: Path, option: str) -> tuple[str, list[Path]]:
     return kinds.pop(), files
 
 
-def source_identity(source: str | None, option: str) -> dict:
-    """What the cache key depends on: the files' names, sizes and times, or the hub name."""
+def looks_like_path(value: str) -> bool:
+    """A value meant as a local path: explicit (./, /, ~), a data-file name, or under an existing
+    directory. Only ``org/name`` that is none of these is taken as a hub dataset."""
+    if value.startswith((".", "/", "~")) or Path(value).suffix in BUILDERS:
+        return True
+    if not _HUB_DATASET.match(value):
+        return True
+    return Path(value).parent.is_dir() and str(Path(value).parent) not in ("", ".")
+
+
+def source_identity(source: str | None, option: str, split: str = "train") -> Source:
+    """The source ``option`` names; a path-like value that does not exist is an error (never a hub
+    lookup)."""
     if source is None:
-        return {"source": EMBEDDED, "split": "train" if option == "--data" else "heldout"}
+        return Source(f"the embedded Wikipedia sample ({split})", {"source": EMBEDDED, "split": split})
     path = Path(source).expanduser()
     if path.exists():
         builder, files = _local_files(path, option)
-        return {
-            "source": str(path.resolve()),
-            "builder": builder,
-            "files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
-        }
-    if "/" in source and not source.startswith((".", "/", "~")):
-        return {"source": source, "builder": "hub"}
-    raise UserError(f"{option}: {source} does not exist")
+        entries = []
+        for p in files:
+            size = p.stat().st_size
+            # in a folder the names order the stream; a single file is its content alone
+            name = str(p.relative_to(path)) if path.is_dir() else ""
+            entries.append([name, size, _content_digest(p, size)])
+        return Source(str(path), {"builder": builder, "files": entries}, tuple(files), builder)
+    if looks_like_path(source):
+        raise UserError(f"{option}: {source} does not exist")
+    return Source(source, {"source": source, "builder": "hub"}, (), "hub")
 
 
-def open_source(identity: dict, text_field: str, option: str, scratch: Path) -> tuple[int, Iterator[list]]:
-    """(number of records, batches of their texts in source order), streamed: a corpus larger than
-    memory is never held whole. Local files are converted under ``scratch`` (deleted after
-    packing); hub datasets use the user's datasets cache."""
-    if identity["source"] == EMBEDDED:
-        from deus_dist.embedded import wikipedia_split
-
-        texts = [a["text"] for a in wikipedia_split(identity["split"])]
-        return len(texts), iter([texts])
+def _open_dataset(src: Source, text_field: str, option: str, scratch: Path):
+    """A ``datasets.Dataset`` with the records of ``src`` (local files are converted under
+    ``scratch``, deleted after packing; hub datasets use the user's datasets cache)."""
     import datasets
 
-    datasets.disable_progress_bars()
+    if src.key.get("source") == EMBEDDED:
+        from deus_dist.embedded import wikipedia_split
+
+        return datasets.Dataset.from_dict(
+            {text_field: [a["text"] for a in wikipedia_split(src.key["split"])]}
+        )
     try:
-        if identity["builder"] == "hub":
-            ds = datasets.load_dataset(identity["source"], split="train")
+        if src.builder == "hub":
+            ds = datasets.load_dataset(src.label, split="train")
         else:
-            files = [f[0] for f in identity["files"]]
             # plain text: a paragraph (up to a blank line) is a document, followed by EOS
-            extra = {"sample_by": "paragraph"} if identity["builder"] == "text" else {}
+            extra = {"sample_by": "paragraph"} if src.builder == "text" else {}
             ds = datasets.load_dataset(
-                identity["builder"], data_files=files, split="train", cache_dir=str(scratch), **extra
+                src.builder,
+                data_files=[str(f) for f in src.files],
+                split="train",
+                cache_dir=str(scratch),
+                **extra,
             )
     except Exception as e:  # datasets raises many types for unreadable input
-        raise UserError(f"{option}: cannot load {identity['source']}: {type(e).__name__}: {e}") from None
+        raise UserError(f"{option}: cannot load {src.label}: {type(e).__name__}: {e}") from None
     if text_field not in ds.column_names:
         raise UserError(
-            f"--text_field: {identity['source']} has no column {text_field!r} "
-            f"(columns: {', '.join(ds.column_names)})"
+            f"--text_field: {src.label} has no column {text_field!r} (columns: {', '.join(ds.column_names)})"
         )
-    batches = (b[text_field] for b in ds.select_columns([text_field]).iter(batch_size=1000))
-    return len(ds), batches
+    return ds
 
 
 class Packer:
-    """Tokenizes documents, appends EOS, concatenates, and writes whole ``seq_len`` blocks (int32)."""
+    """Appends documents (token ids, each followed by EOS) and writes whole ``seq_len`` blocks (int32)."""
 
-    def __init__(self, path: Path, tokenizer, seq_len: int):
-        if tokenizer.eos_token_id is None:
-            raise UserError("--model: the tokenizer has no EOS token to separate documents")
+    def __init__(self, path: Path, seq_len: int, eos: int):
         self.file = open(path, "wb")
-        self.tokenizer, self.seq_len = tokenizer, seq_len
-        self.carry: list[int] = []
-        self.blocks = self.documents = 0
+        self.seq_len, self.eos = seq_len, eos
+        self.carry = np.zeros(0, dtype=np.int32)
+        self.blocks = self.documents = self.tokens = 0
 
-    def add(self, texts: list[str]) -> None:
-        if not texts:
+    def add(self, values: np.ndarray, offsets: np.ndarray, select: np.ndarray) -> None:
+        """Documents ``values[offsets[i]:offsets[i+1]]`` for every i where ``select[i]``."""
+        lengths = np.diff(offsets)[select]
+        if not len(lengths):
             return
-        self.documents += len(texts)
-        for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
-            self.carry.extend(ids)
-            self.carry.append(self.tokenizer.eos_token_id)
-        whole = len(self.carry) // self.seq_len * self.seq_len
+        starts = offsets[:-1][select]
+        # gather the chosen documents' tokens, then put EOS after each
+        index = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+        tokens = values[index + np.arange(lengths.sum())]
+        tokens = np.insert(tokens, np.cumsum(lengths), self.eos).astype(np.int32)
+        self.documents += len(lengths)
+        self.tokens += len(tokens)
+        stream = np.concatenate((self.carry, tokens))
+        whole = len(stream) // self.seq_len * self.seq_len
         if whole:
-            self.file.write(np.asarray(self.carry[:whole], dtype=np.int32).tobytes())
+            self.file.write(stream[:whole].tobytes())
             self.blocks += whole // self.seq_len
-            self.carry = self.carry[whole:]
+        self.carry = stream[whole:]
 
     def close(self) -> int:
         self.file.close()
         return self.blocks
 
 
-def _usable(texts) -> list[str]:
-    return [t for t in texts if isinstance(t, str) and t.strip()]
+def _num_proc(requested: int | None, records: int) -> int:
+    if requested is not None:
+        return max(1, requested)
+    return 1 if records < AUTO_PROC_RECORDS else max(1, min(8, os.cpu_count() or 1))
 
 
 def pack_source(
-    identity: dict,
+    src: Source,
     text_field: str,
     option: str,
     scratch: Path,
+    tokenizer,
     train: Packer,
     held: Packer | None,
     eval_fraction: float,
+    num_proc: int | None,
     progress: bool,
 ) -> None:
-    """Stream a source into ``train`` (and, with ``held``, a fixed-seed share of its records into
-    ``held``)."""
+    """Tokenize ``src`` and stream it into ``train`` (and, with ``held``, a fixed-seed share of its
+    records into ``held``). Empty and non-string texts are skipped."""
+    import datasets
     from tqdm import tqdm
 
-    total, batches = open_source(identity, text_field, option, scratch)
+    (datasets.enable_progress_bars if progress else datasets.disable_progress_bars)()
+    ds = _open_dataset(src, text_field, option, scratch).select_columns([text_field])
+    total = len(ds)
     chosen = np.zeros(total, dtype=bool)
     if held is not None and total > 1:
         n_eval = max(1, math.ceil(total * eval_fraction))
         chosen[np.random.default_rng(SPLIT_SEED).permutation(total)[:n_eval]] = True
-    seen = 0
-    with tqdm(total=total, desc="tokenizing", unit="doc", disable=not progress, file=sys.stderr) as bar:
-        for texts in batches:
-            mask = chosen[seen : seen + len(texts)]
-            train.add(_usable(t for t, m in zip(texts, mask, strict=True) if not m))
+
+    def tokenize(batch, indices):
+        texts = batch[text_field]
+        keep = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+        ids = tokenizer([texts[i] for i in keep], add_special_tokens=False)["input_ids"] if keep else []
+        return {"ids": ids, "held": [bool(chosen[indices[i]]) for i in keep]}
+
+    procs = _num_proc(num_proc, total)
+    try:
+        tokenized = ds.map(
+            tokenize,
+            batched=True,
+            batch_size=1000,
+            with_indices=True,
+            num_proc=procs if procs > 1 else None,
+            remove_columns=[text_field],
+            features=datasets.Features(
+                {"ids": datasets.Sequence(datasets.Value("int32")), "held": datasets.Value("bool")}
+            ),
+            desc="tokenizing",
+            load_from_cache_file=False,
+        )
+    finally:
+        datasets.disable_progress_bars()
+    with tqdm(total=len(tokenized), desc="packing", unit="doc", disable=not progress, file=sys.stderr) as bar:
+        for table in tokenized.with_format("arrow").iter(batch_size=10_000):
+            ids = table.column("ids").combine_chunks()
+            offsets = np.asarray(ids.offsets, dtype=np.int64)
+            values = np.asarray(ids.flatten(), dtype=np.int32)
+            offsets = offsets - offsets[0]
+            is_held = np.asarray(table.column("held"), dtype=bool)
+            train.add(values, offsets, ~is_held)
             if held is not None:
-                held.add(_usable(t for t, m in zip(texts, mask, strict=True) if m))
-            seen += len(texts)
-            bar.update(len(texts))
-    if train.documents + (held.documents if held else 0) == 0:
-        raise UserError(f"{option}: {identity['source']} has no non-empty {text_field!r} texts")
+                held.add(values, offsets, is_held)
+            bar.update(len(is_held))
+    if len(tokenized) == 0:
+        raise UserError(f"{option}: {src.label} has no non-empty {text_field!r} texts")
 
 
 @dataclass
@@ -183,6 +271,8 @@ class PackedData:
     """[blocks, seq_len] int32, memory-mapped."""
     eval: np.ndarray
     seed: int
+    key: dict
+    """The cache key: what the training stream is made of (compared on resume)."""
 
     def __post_init__(self):
         self._perms: dict[int, np.ndarray] = {}
@@ -210,6 +300,156 @@ def tokenizer_identity(model_dir: Path) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """What to pack: the sources and settings that make up the cache key."""
+
+    train: Source
+    eval: Source | None
+    eval_fraction: float
+    text_field: str
+    seq_len: int
+    tokenizer: str
+
+    @property
+    def key(self) -> dict:
+        return {
+            "train": self.train.key,
+            "eval": self.eval.key if self.eval else None,
+            "eval_fraction": None if self.eval else self.eval_fraction,
+            "text_field": self.text_field,
+            "seq_len": self.seq_len,
+            "tokenizer": self.tokenizer,
+            "format": FORMAT,
+        }
+
+    @property
+    def digest(self) -> str:
+        return key_digest(self.key)
+
+
+def key_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_spec(
+    *,
+    data: str | None,
+    eval_data: str | None,
+    eval_fraction: float,
+    text_field: str,
+    seq_len: int,
+    model_dir: Path,
+) -> DataSpec:
+    """The sources and key of a run's data (reads file samples, tokenizes nothing)."""
+    train = source_identity(data, "--data", "train")
+    held = source_identity(eval_data, "--eval_data", "heldout") if eval_data else None
+    if data is None and eval_data is None:
+        held = source_identity(None, "--eval_data", "heldout")
+    return DataSpec(train, held, eval_fraction, text_field, seq_len, tokenizer_identity(model_dir))
+
+
+def cache_folder(spec: DataSpec, cache_root: Path) -> Path:
+    return Path(cache_root) / spec.digest
+
+
+def build_packed(
+    spec: DataSpec,
+    model_dir: Path,
+    cache_root: Path,
+    *,
+    num_proc: int | None = None,
+    log=print,
+    progress: bool = False,
+) -> Path:
+    """The cache folder of ``spec``, tokenized and packed first if missing (atomically)."""
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        start = time.perf_counter()
+        log(
+            f"tokenizing and packing {spec.train.label} into {spec.seq_len}-token blocks (once) into {cache_root}"
+        )
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if tokenizer.eos_token_id is None:
+            raise UserError("--model: the tokenizer has no EOS token to separate documents")
+        scratch = tmp / "scratch"
+        train, held = (
+            Packer(tmp / "train.bin", spec.seq_len, tokenizer.eos_token_id),
+            Packer(tmp / "eval.bin", spec.seq_len, tokenizer.eos_token_id),
+        )
+        common = dict(tokenizer=tokenizer, num_proc=num_proc, progress=progress)
+        try:
+            split_here = held if spec.eval is None else None
+            pack_source(
+                spec.train,
+                spec.text_field,
+                "--data",
+                scratch,
+                train=train,
+                held=split_here,
+                eval_fraction=spec.eval_fraction,
+                **common,
+            )
+            if spec.eval is not None:
+                pack_source(
+                    spec.eval,
+                    spec.text_field,
+                    "--eval_data",
+                    scratch,
+                    train=held,
+                    held=None,
+                    eval_fraction=0.0,
+                    **common,
+                )
+        finally:
+            n_train, n_eval = train.close(), held.close()
+            shutil.rmtree(scratch, ignore_errors=True)
+        if n_train == 0:
+            raise UserError(f"--data: fewer than --seq_len={spec.seq_len} tokens of text; lower --seq_len")
+        if n_eval == 0:
+            raise UserError(
+                f"--eval_data/--eval_fraction: the held-out text has fewer than --seq_len={spec.seq_len} "
+                "tokens; raise --eval_fraction or pass a larger --eval_data"
+            )
+        seconds = time.perf_counter() - start
+        meta = {
+            **spec.key,
+            "train_blocks": n_train,
+            "eval_blocks": n_eval,
+            "documents": train.documents,
+            "eval_documents": held.documents,
+            "tokens": train.tokens + held.tokens,
+            "seconds": round(seconds, 3),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        size = (tmp / "train.bin").stat().st_size + (tmp / "eval.bin").stat().st_size
+        log(
+            f"packed {train.documents:,} documents into {n_train:,} training blocks and {held.documents:,} into "
+            f"{n_eval:,} held-out blocks ({meta['tokens']:,} tokens, {size / 1e6:,.1f} MB) in {seconds:.1f} s "
+            f"({meta['tokens'] / max(seconds, 1e-9):,.0f} tokens/s)"
+        )
+
+    return build_once(cache_folder(spec, cache_root), build)
+
+
+def open_packed(folder: Path, seed: int) -> PackedData:
+    """Memory-map a cache folder made by ``build_packed``."""
+    meta = json.loads((Path(folder) / "meta.json").read_text())
+    seq_len = meta["seq_len"]
+
+    def mapped(name: str, blocks: int) -> np.ndarray:
+        return np.memmap(Path(folder) / name, dtype=np.int32, mode="r", shape=(blocks, seq_len))
+
+    key = {
+        k: meta[k] for k in ("train", "eval", "eval_fraction", "text_field", "seq_len", "tokenizer", "format")
+    }
+    return PackedData(
+        mapped("train.bin", meta["train_blocks"]), mapped("eval.bin", meta["eval_blocks"]), seed, key
+    )
+
+
 def prepare_data(
     *,
     data: str | None,
@@ -220,59 +460,18 @@ def prepare_data(
     model_dir: Path,
     cache_root: Path,
     seed: int,
+    num_proc: int | None = None,
     log=print,
     progress: bool = False,
 ) -> PackedData:
     """Tokenize and pack (once per key), then memory-map. Errors name the option to fix."""
-    train_id = source_identity(data, "--data")
-    eval_id = source_identity(eval_data, "--eval_data") if eval_data else None
-    if data is None and eval_data is None:
-        eval_id = source_identity(None, "--eval_data")
-    key = {
-        "train": train_id,
-        "eval": eval_id,
-        "eval_fraction": None if eval_id else eval_fraction,
-        "text_field": text_field,
-        "seq_len": seq_len,
-        "tokenizer": tokenizer_identity(model_dir),
-        "format": 1,
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-    def build(tmp: Path) -> None:
-        from transformers import AutoTokenizer
-
-        log(f"tokenizing and packing {train_id['source']} into {seq_len}-token blocks (once)")
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        scratch = tmp / "scratch"
-        train, held = (
-            Packer(tmp / "train.bin", tokenizer, seq_len),
-            Packer(tmp / "eval.bin", tokenizer, seq_len),
-        )
-        try:
-            split_here = held if eval_id is None else None
-            pack_source(train_id, text_field, "--data", scratch, train, split_here, eval_fraction, progress)
-            if eval_id is not None:
-                pack_source(eval_id, text_field, "--eval_data", scratch, held, None, 0.0, progress)
-        finally:
-            n_train, n_eval = train.close(), held.close()
-            shutil.rmtree(scratch, ignore_errors=True)
-        if n_train == 0:
-            raise UserError(f"--data: fewer than --seq_len={seq_len} tokens of text; lower --seq_len")
-        if n_eval == 0:
-            raise UserError(
-                f"--eval_data/--eval_fraction: the held-out text has fewer than --seq_len={seq_len} "
-                "tokens; raise --eval_fraction or pass a larger --eval_data"
-            )
-        meta = {**key, "train_blocks": n_train, "eval_blocks": n_eval, "documents": train.documents}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-    folder = build_once(cache_root / digest, build)
-    meta = json.loads((folder / "meta.json").read_text())
-
-    def mapped(name: str, blocks: int) -> np.ndarray:
-        return np.memmap(folder / name, dtype=np.int32, mode="r", shape=(blocks, seq_len))
-
-    return PackedData(
-        mapped("train.bin", meta["train_blocks"]), mapped("eval.bin", meta["eval_blocks"]), seed
+    spec = data_spec(
+        data=data,
+        eval_data=eval_data,
+        eval_fraction=eval_fraction,
+        text_field=text_field,
+        seq_len=seq_len,
+        model_dir=model_dir,
     )
+    folder = build_packed(spec, model_dir, cache_root, num_proc=num_proc, log=log, progress=progress)
+    return open_packed(folder, seed)

@@ -1,8 +1,11 @@
 """Process-group set-up for every launcher: deepspeed, torchrun, srun, or a plain ``python``.
 
 The rank layout is read from the environment: ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` (deepspeed and
-torchrun set them), else SLURM's ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NTASKS`` (one task per
-GPU under ``srun``), else a single process. The backend is NCCL on CUDA and gloo on CPU.
+torchrun set them), else SLURM's ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_STEP_NUM_TASKS`` in a
+task that ``srun`` started (one task per GPU), else a single process. The batch script of an
+allocation also carries ``SLURM_PROCID`` and ``SLURM_NTASKS``, but only ``srun`` tasks have the step
+variables: a plain ``python`` there is one process, never rank 0 of peers that will not come.
+The backend is NCCL on CUDA and gloo on CPU.
 """
 
 from __future__ import annotations
@@ -10,15 +13,12 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from collections.abc import Callable
+import uuid
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 
 from deus_dist.errors import UserError
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,9 @@ class DistEnv:
     local_rank: int
     world_size: int
     device: torch.device
+    nonce: str = ""
+    """The same random string on every rank of this run (rank 0's, broadcast at start-up): names
+    the run's marker files so they never match a file an earlier run left."""
 
     @property
     def is_main(self) -> bool:
@@ -59,8 +62,8 @@ def layout(local_rank_flag: int | None = None) -> tuple[int, int, int]:
     if "RANK" in env:
         rank, world = int(env["RANK"]), int(env.get("WORLD_SIZE", "1"))
         local = int(env.get("LOCAL_RANK", "0"))
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
         local = int(env.get("SLURM_LOCALID", "0"))
     else:
         rank, local, world = 0, 0, 1
@@ -69,69 +72,74 @@ def layout(local_rank_flag: int | None = None) -> tuple[int, int, int]:
     return rank, local, world
 
 
+def slurm_master_port(job_id: str) -> int:
+    """A port every task of one SLURM job derives alike and two jobs on one node do not share
+    (a fixed 29500 collides as soon as two jobs land on the same node)."""
+    return 20000 + int(job_id) % 40000
+
+
 def _export_layout(rank: int, local_rank: int, world_size: int) -> None:
     """The variables torch.distributed's env:// initialisation reads."""
     env = os.environ
     env.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
-    if "SLURM_PROCID" in env and world_size > 1:
+    if "SLURM_STEP_NUM_TASKS" in env and world_size > 1:
         env.setdefault("MASTER_ADDR", _slurm_master())
-        env.setdefault("MASTER_PORT", "29500")
+        if env.get("SLURM_JOB_ID", "").isdigit():
+            env.setdefault("MASTER_PORT", str(slurm_master_port(env["SLURM_JOB_ID"])))
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(free_port()))
 
 
-def init_distributed(local_rank_flag: int | None = None) -> DistEnv:
-    """Start the process group (idempotent) and pick this rank's device."""
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """Which of the ``visible`` GPUs this process drives.
+
+    One per local rank where a node's processes all see every GPU (deepspeed, torchrun, srun with
+    --gpus-per-node); GPU 0 where each process sees only its own (srun --gpus-per-task=1, or
+    CUDA_VISIBLE_DEVICES set per task).
+    """
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise UserError(
+        f"local rank {local_rank} but only {visible} GPU(s) visible to this process: start at most one "
+        "process per GPU (--num_gpus / --nproc_per_node / --ntasks-per-node), or give each task its own "
+        "GPU (srun --gpus-per-task=1)"
+    )
+
+
+def init_distributed(local_rank_flag: int | None = None, timeout_s: float | None = None) -> DistEnv:
+    """Start the process group (idempotent) and pick this rank's device.
+
+    ``timeout_s`` bounds how long a collective waits for its peers (torch's default: 10 minutes);
+    nothing long-running (data preparation, up-scaling, downloads) happens inside a collective, so
+    it only needs to cover one training step and a checkpoint.
+    """
+    import datetime
+
     rank, local_rank, world_size = layout(local_rank_flag)
     _export_layout(rank, local_rank, world_size)
     if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(
-                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) visible: "
-                "start at most one process per GPU (--num_gpus / --nproc_per_node)"
-            )
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        index = cuda_device_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        device, backend = torch.device("cuda", index), "nccl"
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         device, backend = torch.device("cpu"), "gloo"
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    return DistEnv(rank, local_rank, world_size, device)
+        kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
+    nonce = [uuid.uuid4().hex[:12]]
+    if world_size > 1:
+        torch.distributed.broadcast_object_list(nonce, src=0)
+    return DistEnv(rank, local_rank, world_size, device, nonce[0])
 
 
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def main_first(env: DistEnv, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on rank 0 first (it builds a cache), then on the others (they read it).
-
-    A UserError on rank 0 is sent to every rank and raised there too, so no rank waits forever on
-    a peer that has stopped.
-    """
-    if env.world_size == 1:
-        return fn()
-    failure: list = [None]
-    result = None
-    error: Exception | None = None
-    if env.is_main:
-        try:
-            result = fn()
-        except Exception as e:  # any failure must reach the other ranks, or they wait forever
-            error = e
-            failure = [e.problems if isinstance(e, UserError) else f"rank 0 failed: {e!r}"]
-    torch.distributed.broadcast_object_list(failure, src=0)
-    if error is not None:
-        raise error
-    if failure[0] is not None:
-        raise UserError(failure[0]) if isinstance(failure[0], list) else RuntimeError(failure[0])
-    if not env.is_main:
-        result = fn()
-    return result
 
 
 def all_mean(value: float, env: DistEnv) -> float:

@@ -54,8 +54,15 @@ def resolve_ds_config(
     grad_clip: float,
     hidden_size: int,
     cuda: bool,
+    precision: str = "auto",
+    bf16_supported: bool | None = None,
 ) -> dict:
-    """A copy of ``raw`` with every "auto" resolved and checked against our options."""
+    """A copy of ``raw`` with every "auto" resolved and checked against our options.
+
+    ``precision`` (auto, bf16, fp32) fills ``"bf16": {"enabled": "auto"}``; auto means bf16 on GPUs
+    that support it (``bf16_supported``, default: the same as ``cuda``) and fp32 elsewhere. An explicit
+    bf16/fp16 setting in the JSON that contradicts an explicit --precision is an error.
+    """
     cfg = copy.deepcopy(raw)
     cfg.pop("_comment", None)
     problems: list[str] = []
@@ -98,10 +105,17 @@ def resolve_ds_config(
     _fill(params, "weight_decay", weight_decay, "--weight_decay", "optimizer.params.weight_decay", problems)
     if params.get("eps", "auto") == "auto":
         params["eps"] = 1e-8
-    for name, default in (("bf16", cuda), ("fp16", False)):
+    bf16_auto = cuda if bf16_supported is None else bf16_supported
+    want_bf16 = {"auto": bf16_auto, "bf16": True, "fp32": False}[precision]
+    for name, default in (("bf16", want_bf16), ("fp16", False)):
         section = cfg.setdefault(name, {})
         if section.get("enabled", "auto") == "auto":
             section["enabled"] = default
+        elif precision != "auto" and bool(section["enabled"]) != (name == precision):
+            problems.append(
+                f"--precision {precision} disagrees with {name}.enabled={section['enabled']} in --ds_config; "
+                f'change one of them (or set "{name}": {{"enabled": "auto"}})'
+            )
     if cfg["bf16"]["enabled"] and cfg["fp16"]["enabled"]:
         problems.append("--ds_config enables both bf16 and fp16; enable one")
     zero = cfg.setdefault("zero_optimization", {"stage": 3})
@@ -125,6 +139,11 @@ def _autos(node, prefix: str = "") -> list[str]:
     if isinstance(node, dict):
         return [k for key, v in node.items() for k in _autos(v, f"{prefix}{key}.")]
     return [prefix.rstrip(".")] if node == "auto" else []
+
+
+def precision_name(cfg: dict) -> str:
+    """bf16, fp16 or fp32: what a resolved DeepSpeed config computes in."""
+    return "bf16" if cfg["bf16"]["enabled"] else "fp16" if cfg["fp16"]["enabled"] else "fp32"
 
 
 def compute_dtype(cfg: dict):

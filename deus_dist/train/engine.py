@@ -17,23 +17,31 @@ import torch
 
 from deus_dist.architectures import Architecture, architecture_for
 from deus_dist.checkpoint import CheckpointReader
-from deus_dist.checkpoint.hub import resolve_model_path
+from deus_dist.checkpoint.hub import is_hub_name, resolve_model_path
 from deus_dist.checkpoint.manifest import read_manifest
 from deus_dist.configs import FuseConfig, TrainConfig
 from deus_dist.errors import Problems, UserError
 from deus_dist.hf_logging import quiet_transformers
 from deus_dist.train import checkpointing
-from deus_dist.train.data import PackedData, prepare_data, source_identity
-from deus_dist.train.dist import DistEnv, main_first
-from deus_dist.train.ds_config import compute_dtype, default_ds_config, load_ds_config, resolve_ds_config
+from deus_dist.train.cluster import once_per_filesystem
+from deus_dist.train.data import DataSpec, PackedData, build_packed, data_spec, open_packed, source_identity
+from deus_dist.train.dist import DistEnv
+from deus_dist.train.ds_config import (
+    compute_dtype,
+    default_ds_config,
+    load_ds_config,
+    precision_name,
+    resolve_ds_config,
+)
 from deus_dist.train.trainable import trainable_names
 
 
 @dataclass
 class Plan:
-    """Validated options and what they resolve to (no process group or model yet)."""
+    """Validated options and what they resolve to (no model yet)."""
 
     cfg: TrainConfig
+    """The options with every default filled (device defaults, or the checkpoint's on a resume)."""
     model_dir: Path
     arch: Architecture
     manifest: dict | None
@@ -44,6 +52,24 @@ class Plan:
     run_dir: Path
     identity: str
     """Fingerprint of --model (checkpointing.model_identity), checked on resume."""
+    data: DataSpec
+    world_size: int
+    resumed: checkpointing.TrainState | None = None
+    """The state of ``resume_from``, read before any rank starts."""
+
+    @property
+    def convert(self) -> bool:
+        """The checkpoint was written by another world size: resume through DeepSpeed's universal
+        format."""
+        return self.resumed is not None and self.resumed.world_size != self.world_size
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.micro_batch * self.cfg.grad_accum * self.world_size
+
+    @property
+    def precision(self) -> str:
+        return precision_name(self.ds_config)
 
 
 def default_model(log=print) -> Path:
@@ -57,27 +83,79 @@ def default_model(log=print) -> Path:
     return out
 
 
+def resolve_model(value: str | None, env: DistEnv, log=print) -> Path:
+    """``--model`` as a local directory: the default up-scaled model made first if missing, or a hub
+    model downloaded, once per filesystem (rank 0, or each node's first rank when the directory is
+    node-local) while the other ranks wait outside any collective."""
+    if value is None:
+        from deus_dist import upscale
+
+        where = upscale.default_output(FuseConfig()).absolute().parent
+        return once_per_filesystem(where, env, "model", lambda: default_model(log))
+    if is_hub_name(value):
+        from huggingface_hub import constants
+
+        return once_per_filesystem(
+            Path(constants.HF_HUB_CACHE), env, "model", lambda: resolve_model_path(value)
+        )
+    return Path(value).expanduser()
+
+
 GPU_DEFAULTS = {"seq_len": 2048, "micro_batch": 4, "grad_accum": 8}
 CPU_DEFAULTS = {"seq_len": 256, "micro_batch": 1, "grad_accum": 1}
 EMBEDDED_DEMO_STEPS = 10
 
 
-def with_defaults(cfg: TrainConfig, cuda: bool) -> TrainConfig:
-    """Fill the options whose defaults depend on the device (see their --help)."""
-    fill = {k: v for k, v in (GPU_DEFAULTS if cuda else CPU_DEFAULTS).items() if getattr(cfg, k) is None}
+def with_defaults(
+    cfg: TrainConfig, cuda: bool, world_size: int = 1, resumed: checkpointing.TrainState | None = None
+) -> tuple[TrainConfig, list[str], list[str]]:
+    """(cfg, notes, problems): fill the options whose defaults depend on the device, or, on a
+    resume, on the checkpoint: its --seq_len and --micro_batch, and the --grad_accum that keeps its
+    global batch on this world size."""
+    defaults = GPU_DEFAULTS if cuda else CPU_DEFAULTS
+    saved = resumed.options if resumed is not None else {}
+    fill, notes, problems = {}, [], []
+    for key in ("seq_len", "micro_batch"):
+        if getattr(cfg, key) is None:
+            fill[key] = saved.get(key) or defaults[key]
+    if cfg.grad_accum is None:
+        fill["grad_accum"] = defaults["grad_accum"]
+        target = resumed.saved_global_batch() if resumed is not None else None
+        if target is not None:
+            micro = cfg.micro_batch or fill["micro_batch"]
+            accum, rest = divmod(target, micro * world_size)
+            if rest or accum < 1:
+                problems.append(
+                    f"--micro_batch/--grad_accum: the checkpoint's global batch of {target} sequences cannot be "
+                    f"split into --micro_batch {micro} x {world_size} rank(s); pass --micro_batch M and "
+                    f"--grad_accum A with M * A * {world_size} = {target}"
+                )
+            else:
+                fill["grad_accum"] = accum
+                if resumed.world_size != world_size:
+                    notes.append(
+                        f"world size {resumed.world_size} -> {world_size}: --grad_accum {accum} keeps the global "
+                        f"batch of {target} sequences"
+                    )
     if cfg.data is None and cfg.max_steps is None and cfg.max_tokens is None:
         fill["max_steps"] = EMBEDDED_DEMO_STEPS
-    return dataclasses.replace(cfg, **fill)
+    return dataclasses.replace(cfg, **fill), notes, problems
 
 
 def prepare(cfg: TrainConfig, world_size: int, cuda: bool, log=print) -> Plan:
-    """Validate every option against the inputs (``cfg`` after ``with_defaults``)."""
+    """Validate every option against the inputs and the checkpoint a resume continues (one
+    UserError listing every problem). ``cfg.model`` must be a local directory by now."""
     problems = Problems()
     attempt = problems.attempt
+    run_dir = Path(cfg.output_dir)
+    resume_from = attempt(lambda: checkpointing.find_checkpoint(cfg.resume, run_dir))
+    resumed = attempt(lambda: checkpointing.read_state(resume_from)) if resume_from else None
+    cfg, notes, found = with_defaults(cfg, cuda, world_size, resumed)
+    problems.items += found
     for name, low in (("micro_batch", 1), ("grad_accum", 1), ("seq_len", 2), ("log_every", 1)):
         if getattr(cfg, name) < low:
             problems.append(f"--{name} must be at least {low}, got {getattr(cfg, name)}")
-    for name in ("max_steps", "max_tokens", "stop_at_step"):
+    for name in ("max_steps", "max_tokens", "stop_at_step", "num_proc"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             problems.append(f"--{name} must be positive, got {getattr(cfg, name)}")
     if not 0 <= cfg.min_lr_ratio <= 1:
@@ -86,20 +164,21 @@ def prepare(cfg: TrainConfig, world_size: int, cuda: bool, log=print) -> Plan:
         problems.append(f"--eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
     if cfg.lr <= 0:
         problems.append(f"--lr must be positive, got {cfg.lr}")
+    if cfg.dist_timeout <= 0:
+        problems.append(f"--dist_timeout must be positive, got {cfg.dist_timeout}")
     if len(cfg.adam_betas) != 2:
         problems.append(f"--adam_betas takes two values, got {cfg.adam_betas}")
     raw_ds = attempt(lambda: load_ds_config(cfg.ds_config or default_ds_config(cuda)))
-    attempt(lambda: source_identity(cfg.data, "--data"))
-    if cfg.eval_data:
-        attempt(lambda: source_identity(cfg.eval_data, "--eval_data"))
-    if cfg.model is None:  # the launcher fills it (default_model, made by rank 0 first)
+    if cfg.model is None:  # the launcher fills it (default_model, made once per filesystem first)
         raise ValueError("prepare() needs cfg.model")
     model_dir = attempt(lambda: resolve_model_path(cfg.model))
     reader = attempt(lambda: CheckpointReader(model_dir)) if model_dir else None
     if reader is None:
+        attempt(lambda: _data_spec(cfg, None))  # report data problems too
         raise UserError(problems.items)
     with reader:
         config, names = reader.config, list(reader.tensors)
+    data = attempt(lambda: _data_spec(cfg, model_dir))
     arch = attempt(lambda: architecture_for(config))
     manifest = attempt(lambda: read_manifest(model_dir))
     context = config.get("max_position_embeddings")
@@ -124,46 +203,88 @@ def prepare(cfg: TrainConfig, world_size: int, cuda: bool, log=print) -> Plan:
                 grad_clip=cfg.grad_clip,
                 hidden_size=config.get("hidden_size", 1024),
                 cuda=cuda,
+                precision=cfg.precision,
+                bf16_supported=cuda and torch.cuda.is_bf16_supported(),
             )
         )
-    run_dir = Path(cfg.output_dir)
     identity = checkpointing.model_identity(model_dir)
-    resume_from = attempt(lambda: checkpointing.find_checkpoint(cfg.resume, run_dir))
-    if resume_from is not None and trainable is not None:
-        state = attempt(lambda: checkpointing.read_state(resume_from))
-        if state is not None:
-            attempt(
-                lambda: checkpointing.check_resume(
-                    state,
-                    resume_from,
-                    identity=identity,
-                    model=str(model_dir),
-                    world_size=world_size,
-                    trainable=trainable,
-                )
-            )
+    if resumed is not None and trainable is not None and ds is not None and data is not None:
+        run = checkpointing.RunIdentity(
+            model_identity=identity,
+            model=str(model_dir),
+            trainable=trainable,
+            seq_len=cfg.seq_len,
+            global_batch=cfg.micro_batch * cfg.grad_accum * world_size,
+            seed=cfg.seed,
+            precision=precision_name(ds),
+            data=data.key,
+        )
+        batch = f"{cfg.micro_batch} x {cfg.grad_accum} x {world_size} rank(s) = {run.global_batch}"
+        conflicts = checkpointing.resume_conflicts(resumed, resume_from, run, batch)
+        problems.items += conflicts or checkpointing.damaged_files(resume_from, resumed.world_size)
     problems.raise_if_any()
-    return Plan(cfg, model_dir, arch, manifest, config, ds, trainable, resume_from, run_dir, identity)
+    if resumed is not None and resumed.world_size != world_size:
+        # DeepSpeed reads the converted checkpoint (checkpointing.universal_checkpoint) only when
+        # the engine is built for it
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+    for note in notes:
+        log(note)
+    return Plan(
+        cfg,
+        model_dir,
+        arch,
+        manifest,
+        config,
+        ds,
+        trainable,
+        resume_from,
+        run_dir,
+        identity,
+        data,
+        world_size,
+        resumed,
+    )
+
+
+def _data_spec(cfg: TrainConfig, model_dir: Path | None) -> DataSpec | None:
+    """The run's data sources and cache key (without a model: only the sources are checked)."""
+    if model_dir is None:
+        source_identity(cfg.data, "--data")
+        if cfg.eval_data:
+            source_identity(cfg.eval_data, "--eval_data")
+        return None
+    return data_spec(
+        data=cfg.data,
+        eval_data=cfg.eval_data,
+        eval_fraction=cfg.eval_fraction,
+        text_field=cfg.text_field,
+        seq_len=cfg.seq_len,
+        model_dir=model_dir,
+    )
+
+
+def cache_root(plan: Plan) -> Path:
+    return Path(plan.cfg.data_cache) if plan.cfg.data_cache else plan.run_dir / "data_cache"
 
 
 def load_data(plan: Plan, env: DistEnv, log=print) -> PackedData:
+    """The packed data, built once per filesystem that holds the cache (rank 0, or each node's
+    first rank on node-local scratch) while the other ranks wait outside any collective."""
+    root = cache_root(plan)
     cfg = plan.cfg
-    cache = Path(cfg.data_cache) if cfg.data_cache else plan.run_dir / "data_cache"
-    return main_first(
-        env,
-        lambda: prepare_data(
-            data=cfg.data,
-            eval_data=cfg.eval_data,
-            eval_fraction=cfg.eval_fraction,
-            text_field=cfg.text_field,
-            seq_len=cfg.seq_len,
-            model_dir=plan.model_dir,
-            cache_root=cache,
-            seed=cfg.seed,
+
+    def build() -> PackedData:
+        folder = build_packed(
+            plan.data,
+            plan.model_dir,
+            root,
+            num_proc=cfg.num_proc,
             log=log,
-            progress=not cfg.quiet,
-        ),
-    )
+            progress=not cfg.quiet and env.is_main,
+        )
+        return open_packed(folder, cfg.seed)
+
+    return once_per_filesystem(root, env, "data", build)
 
 
 def total_steps(cfg: TrainConfig, data: PackedData, world_size: int) -> int:
@@ -271,16 +392,16 @@ def build_engine(plan: Plan):
     return engine, counts
 
 
-def fresh_state(plan: Plan, total: int, world_size: int) -> checkpointing.TrainState:
+def fresh_state(plan: Plan, total: int) -> checkpointing.TrainState:
     return checkpointing.TrainState(
         total_steps=total,
-        world_size=world_size,
-        model={
-            "path": str(plan.model_dir.resolve()),
-            "identity": checkpointing.model_identity(plan.model_dir),
-        },
+        world_size=plan.world_size,
+        model={"path": str(plan.model_dir.resolve()), "identity": plan.identity},
         trainable=plan.trainable,
         options={k: v for k, v in asdict(plan.cfg).items() if k != "local_rank"},
+        global_batch=plan.global_batch,
+        precision=plan.precision,
+        data=plan.data.key,
     )
 
 

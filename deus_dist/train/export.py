@@ -34,7 +34,12 @@ def trained_tensors(checkpoint: Path) -> dict:
     """fp32 values of the trained parameters in a checkpoint (gathered from every rank's file)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with quiet_transformers(True), contextlib.redirect_stdout(io.StringIO()):  # it prints per file
+    # it prints per file and shows progress bars
+    with (
+        quiet_transformers(True),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         try:
             return get_fp32_state_dict_from_zero_checkpoint(
                 str(checkpoint.parent), tag=checkpoint.name, exclude_frozen_parameters=True

@@ -36,18 +36,22 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 
 
 class StopRequest:
-    """SIGTERM (SLURM preemption, scancel) asks for a checkpoint and a clean exit after the
-    current step; ranks agree through an all-reduce, so they stop at the same step."""
+    """SIGTERM or SIGUSR1 (SLURM's time-limit warning, preemption, scancel) asks for a checkpoint
+    and an exit after the current step; ranks agree through an all-reduce, so they stop at the same
+    step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
         self.requested = True
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 @dataclass
@@ -55,6 +59,8 @@ class Outcome:
     state: TrainState
     stopped_early: bool
     last_checkpoint: Path | None
+    signalled: bool = False
+    """A signal stopped the run (not --stop_at_step)."""
 
 
 @torch.no_grad()
@@ -145,12 +151,13 @@ def train(
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if env.is_main and (step % cfg.log_every == 0 or finishing or "eval_loss" in record):
                 bar.write(format_record(record, state.total_steps), file=sys.stdout)
-            # Stop on SIGTERM or --stop_at_step; all ranks agree on the same step.
-            stopping = any_rank(stop.requested, env) or step == cfg.stop_at_step
+            # Stop on a signal or at --stop_at_step; all ranks agree on the same step.
+            signalled = any_rank(stop.requested, env)
+            stopping = signalled or step == cfg.stop_at_step
             if finishing or stopping or (cfg.save_every and step % cfg.save_every == 0):
                 last_ckpt = checkpointing.save(engine, env, state, ckpt_root, cfg.keep_checkpoints)
             if stopping and not finishing:
-                return Outcome(state, True, last_ckpt)
+                return Outcome(state, True, last_ckpt, signalled)
     finally:
         stop.restore()
         bar.close()

@@ -1,0 +1,90 @@
+"""``tools/prepare_data.py``: tokenize and pack a corpus ahead of training, outside any job's clock."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from deus_dist.cli.args import parse_config
+from deus_dist.configs import PrepareDataConfig
+from deus_dist.errors import UserError
+
+DESCRIPTION = """\
+Tokenize and pack a corpus into the cache launchers/cpt.py reads, with several tokenizer processes,
+before any training job starts: a job that finds its cache ready starts training at once instead of
+tokenizing while GPUs wait. The cache key is the same as the launcher's (source content, text
+field, tokenizer, --seq_len, held-out split), so `cpt.py` with the same --data, --data_cache,
+--seq_len, --text_field and held-out options reuses the result untouched.
+
+examples:
+  python tools/prepare_data.py --model upscaled/Llama-3.2-1B-opt-deus-24L --data corpus/ \\
+      --data_cache /shared/cache --seq_len 2048 --num_proc 32
+  python tools/prepare_data.py --data wiki.jsonl --seq_len 256 --data_cache runs/cpt/data_cache
+"""
+
+DEFAULT_SEQ_LEN = 2048
+DEFAULT_CACHE = "runs/cpt/data_cache"  # cpt.py's default OUTPUT_DIR/data_cache
+
+
+def run(cfg: PrepareDataConfig, log=print) -> Path:
+    import time
+
+    from deus_dist.checkpoint.hub import resolve_model_path
+    from deus_dist.errors import Problems
+    from deus_dist.train.data import build_packed, cache_folder, data_spec, open_packed
+
+    problems = Problems()
+    seq_len = cfg.seq_len or DEFAULT_SEQ_LEN
+    if seq_len < 2:
+        problems.append(f"--seq_len must be at least 2, got {seq_len}")
+    if cfg.num_proc is not None and cfg.num_proc < 1:
+        problems.append(f"--num_proc must be positive, got {cfg.num_proc}")
+    if not 0 < cfg.eval_fraction < 1:
+        problems.append(f"--eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
+    if cfg.model is None:
+        from deus_dist.embedded import embedded_model_dir
+
+        model_dir = problems.attempt(lambda: embedded_model_dir(progress=not cfg.quiet))
+    else:
+        model_dir = problems.attempt(lambda: resolve_model_path(cfg.model))
+        if model_dir is not None and not (model_dir / "config.json").is_file():
+            problems.append(f"--model: {model_dir} is not an HF checkpoint directory (no config.json)")
+            model_dir = None
+    spec = None
+    if model_dir is not None:
+        spec = problems.attempt(
+            lambda: data_spec(
+                data=cfg.data,
+                eval_data=cfg.eval_data,
+                eval_fraction=cfg.eval_fraction,
+                text_field=cfg.text_field,
+                seq_len=seq_len,
+                model_dir=model_dir,
+            )
+        )
+    problems.raise_if_any()
+    root = Path(cfg.data_cache or DEFAULT_CACHE)
+    existed = cache_folder(spec, root).exists()
+    start = time.perf_counter()
+    folder = build_packed(spec, model_dir, root, num_proc=cfg.num_proc, log=log, progress=not cfg.quiet)
+    data = open_packed(folder, seed=0)
+    if existed:
+        log(
+            f"already prepared: {folder} ({len(data.train):,} training and {len(data.eval):,} held-out blocks)"
+        )
+    else:
+        log(f"wrote {folder} in {time.perf_counter() - start:.1f} s")
+    data_flag = f" --data {cfg.data}" if cfg.data else ""
+    log(
+        f"train on it with: launchers/cpt.py{data_flag} --data_cache {root} --seq_len {seq_len} (same held-out options)"
+    )
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(parse_config(PrepareDataConfig, argv, "prepare_data.py", DESCRIPTION))
+    except UserError as e:
+        print(f"prepare_data.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0

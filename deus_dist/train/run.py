@@ -1,0 +1,145 @@
+"""A training run from options to export: the part every launcher shares (cpt; sft reuses it).
+
+``start`` brings a run up to its first step: process group; the checks no rank can make alone
+(shared --output_dir); the model (made or downloaded once per filesystem); every option validated
+against the inputs and the checkpoint a resume continues; the data packed once per filesystem; a
+checkpoint from another world size converted to DeepSpeed's universal format; the ZeRO-3 engine;
+the restored state. ``train_and_export`` runs the loop and writes ``RUN_DIR/final``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from deus_dist.configs import TrainConfig
+from deus_dist.errors import UserError
+
+if TYPE_CHECKING:  # the runtime imports wait for start(): torch and DeepSpeed load slowly
+    from deus_dist.train.checkpointing import TrainState
+    from deus_dist.train.data import PackedData
+    from deus_dist.train.dist import DistEnv
+    from deus_dist.train.engine import Plan
+
+STOPPED_BY_SIGNAL = 3
+"""Exit status of a run a signal stopped early, after a complete checkpoint (SLURM requeues on it)."""
+
+
+def _quiet_known_warnings() -> None:
+    """DeepSpeed 0.19 calls collectives torch marks deprecated, and its ZeRO-3 module hooks trip
+    torch's full-backward-hook notice on frozen inputs; both repeat on every rank and mean nothing
+    to a user of the launchers."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
+    warnings.filterwarnings("ignore", message=r"Full backward hook is firing when gradients are computed")
+
+
+@dataclass
+class Run:
+    """A run brought up to its first step on this rank."""
+
+    env: DistEnv
+    plan: Plan
+    """The validated options and what they resolve to."""
+    data: PackedData
+    engine: Any
+    """DeepSpeed's engine around the model."""
+    counts: dict
+    """Parameter counts: trainable and total."""
+    state: TrainState
+    """Restored on a resume."""
+    say: Callable[..., None]
+    """``log`` on rank 0, nothing elsewhere."""
+
+
+def start(cfg: TrainConfig, log=print) -> Run:
+    import torch
+
+    _quiet_known_warnings()
+    from deus_dist.train import checkpointing, engine
+    from deus_dist.train.cluster import once_per_filesystem, require_shared
+    from deus_dist.train.dist import init_distributed
+
+    cuda = torch.cuda.is_available()
+    env = init_distributed(cfg.local_rank, cfg.dist_timeout)
+    say = log if env.is_main else (lambda *a, **k: None)
+    require_shared(Path(cfg.output_dir), env, "--output_dir")
+    cfg = dataclasses.replace(cfg, model=str(engine.resolve_model(cfg.model, env, say)))
+    plan = engine.prepare(cfg, env.world_size, cuda, log=say)
+    cfg = plan.cfg
+    data = engine.load_data(plan, env, log=say)
+    if len(data.eval) < env.world_size:
+        raise UserError(
+            f"--eval_fraction/--eval_data: {len(data.eval)} held-out blocks for {env.world_size} ranks; "
+            "hold out more text"
+        )
+    if plan.convert:  # another world size wrote it: DeepSpeed's universal format, made once
+        once_per_filesystem(
+            plan.resume_from,
+            env,
+            "universal",
+            lambda: checkpointing.universal_checkpoint(plan.resume_from, say),
+        )
+    eng, counts = engine.build_engine(plan)
+    total = engine.total_steps(cfg, data, env.world_size)
+    state = engine.fresh_state(plan, total)
+    if plan.resume_from is not None:
+        state = checkpointing.load(eng, env, plan.resume_from, universal=plan.convert)
+        say(f"resumed from {plan.resume_from} at step {state.step} (data position {state.consumed})")
+        state.world_size, state.global_batch, state.precision = (
+            env.world_size,
+            plan.global_batch,
+            plan.precision,
+        )
+        if state.total_steps != total:  # --max_steps/--max_tokens changed: the new length wins
+            say(f"schedule length changed from {state.total_steps} to {total} steps")
+            state.total_steps = total
+    say(
+        f"model {plan.model_dir}: {counts['trainable']:,} of {counts['total']:,} parameters train "
+        f"({len(plan.trainable)} tensors, --trainable {cfg.trainable}); {env.world_size} rank(s) on "
+        f"{env.device.type} in {plan.precision}; {len(data.train)} training blocks of {cfg.seq_len} tokens; "
+        f"global batch {plan.global_batch} ({cfg.micro_batch} x {cfg.grad_accum} x {env.world_size}); {total} steps"
+    )
+    return Run(env, plan, data, eng, counts, state, say)
+
+
+def train_and_export(run: Run, log=print):
+    """The loop, then ``RUN_DIR/final`` when the schedule finished; returns the loop's Outcome."""
+    from deus_dist.train import checkpointing, engine, loop
+    from deus_dist.train.cluster import main_then_others
+    from deus_dist.train.export import export_checkpoint
+    from deus_dist.train.metrics import flops_per_token, peak_flops
+
+    plan, env, say, cfg = run.plan, run.env, run.say, run.plan.cfg
+    layers, trainable, head = engine.layer_param_counts(plan, run.engine.module)
+    fpt = flops_per_token(
+        layer_params=layers,
+        trainable_layer_params=trainable,
+        head_params=head,
+        hidden=plan.model_config["hidden_size"],
+        seq_len=cfg.seq_len,
+        embeddings_train=any(n in plan.arch.embeddings for n in plan.trainable),
+    )
+    outcome = loop.train(run.engine, run.data, cfg, env, run.state, plan.run_dir, fpt, peak_flops(env.device))
+    if outcome.stopped_early:
+        why = "on a signal" if outcome.signalled else f"at --stop_at_step {cfg.stop_at_step}"
+        say(
+            f"stopped {why} after step {outcome.state.step}; checkpoint {outcome.last_checkpoint}; "
+            "run the same command again to resume"
+        )
+        return outcome
+    if cfg.export:
+        ckpt = outcome.last_checkpoint or checkpointing.complete_checkpoints(plan.run_dir / "checkpoints")[-1]
+        # Rank 0 exports while the others wait for it without a collective deadline, so every task
+        # of a job ends together (srun ends a step when its first task ends, after --wait).
+        main_then_others(
+            plan.run_dir,
+            env,
+            "export",
+            lambda: export_checkpoint(ckpt, plan.run_dir / "final", force=True, log=say),
+        )
+    return outcome
