@@ -32,7 +32,7 @@ from deus_dist.checkpoint.manifest import build_manifest, read_manifest, write_m
 from deus_dist.checkpoint.writer import parse_size
 from deus_dist.configs import FuseConfig
 from deus_dist.errors import CheckpointError, Problems, UserError
-from deus_dist.methods import Method, get_method
+from deus_dist.methods import Method, get_method, unused_options
 from deus_dist.plan import LayerPlan
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -112,6 +112,8 @@ def prepare(cfg: FuseConfig) -> Job:
     problems = Problems()
     attempt = problems.attempt
     method = attempt(lambda: get_method(cfg.method))
+    if method is not None:
+        problems.items += unused_options(method, cfg)
     max_shard = attempt(lambda: parse_size(cfg.out_shard_size))
     if cfg.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda: no CUDA device is visible; use --device cpu")

@@ -138,6 +138,22 @@ def test_force_keeps_the_old_output_when_the_final_rename_fails(tiny_llama, tmp_
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary or old copy
 
 
+def test_an_option_the_method_does_not_use_is_refused(tiny_llama, tmp_path, capsys):
+    err = error_of(
+        capsys, "--model", tiny_llama, "--out", tmp_path / "o", "--method", "avg", "--ot_solver", "emd"
+    )
+    assert "--ot_solver: --method avg does not use it (an option of opt-deus)" in err
+    err = error_of(
+        capsys, "--model", tiny_llama, "--out", tmp_path / "o", "--method", "opt-deus", "--seed", "3"
+    )
+    assert "--seed: --method opt-deus does not use it (an option of lesa)" in err
+    assert not (tmp_path / "o").exists()
+    assert (
+        fuse("--model", tiny_llama, "--out", tmp_path / "o", "--method", "lesa", "--seed", "3", "--quiet")
+        == 0
+    )
+
+
 def test_unknown_yaml_key(tiny_llama, tmp_path, capsys):
     cfg = tmp_path / "plan.yaml"
     cfg.write_text("method: copy\nnum_neww: 3\n")

@@ -51,6 +51,9 @@ class Method(ABC):
     default_placement: ClassVar[str] = "top"
     function_preserving: ClassVar[bool] = False
     """The up-scaled model computes exactly what the base computed (checked after writing)."""
+    options: ClassVar[tuple[str, ...]] = ()
+    """The method's own options (FuseConfig fields it reads beyond the common ones); an option of
+    another method given with this one is refused (``unused_options``)."""
 
     def plan(self, num_layers: int, cfg: FuseConfig) -> LayerPlan:
         """The output layout; the default inserts new blocks into gaps chosen by the placement."""
@@ -97,3 +100,25 @@ def zero_outputs(block: Block, arch: Architecture) -> Block:
     """Zero every tensor that writes into the residual stream: the block becomes an identity map."""
     outputs = arch.output_suffixes()
     return {k: torch.zeros_like(v) if k in outputs else v for k, v in block.items()}
+
+
+def unused_options(method: Method, cfg: FuseConfig) -> list[str]:
+    """Problems for options set away from their defaults that ``method`` does not read: an option
+    of another method (``--method avg --ot_solver emd``). Layout options are each plan's own to
+    check (solar refuses --placement)."""
+    import dataclasses
+
+    owners: dict[str, list[str]] = {}
+    for other in _REGISTRY.values():
+        for option in other.options:
+            owners.setdefault(option, []).append(other.name)
+    problems = []
+    for f in dataclasses.fields(FuseConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if getattr(cfg, f.name) == default:
+            continue
+        if f.name in owners and f.name not in method.options:
+            problems.append(
+                f"--{f.name}: --method {method.name} does not use it (an option of {', '.join(sorted(owners[f.name]))})"
+            )
+    return problems

@@ -70,6 +70,7 @@ def fit_predictor(v: torch.Tensor, gen: torch.Generator, progress=None) -> tuple
 @register
 class Lesa(Method):
     name = "lesa"
+    options = ("seed",)
     pair = True
 
     def prepare(self, reader, arch, plan, cfg, block_suffixes=None):

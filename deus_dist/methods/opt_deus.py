@@ -21,6 +21,18 @@ class OptDeus(Method):
     name = "opt-deus"
     pair = True
     function_preserving = True
+    options = (
+        "ot_variant",
+        "ot_solver",
+        "ot_knn",
+        "ot_reg",
+        "ot_max_iter",
+        "ot_cost",
+        "calib_data",
+        "calib_tokens",
+        "fuse_weight",
+        "zero_init",
+    )
 
     def prepare(self, reader, arch, plan, cfg, block_suffixes=None):
         problems = []
