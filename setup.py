@@ -25,6 +25,12 @@ setup(
         # training: the measured stack (DESIGN.md section 5); the checkpoint layout is DeepSpeed's
         "deepspeed>=0.19.8,<0.20",
         "datasets>=3.0",
+        # checkpoints that ship only tokenizer.model (Llama 2, Mistral v0.1, Gemma): transformers
+        # converts them to fast tokenizers with these two
+        "sentencepiece>=0.2",
+        "protobuf>=4",
+        # tools/eval_tasks.py: lm-eval's task definitions and scoring (pinned: scores must not move)
+        "lm-eval==0.4.13",
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6"],

@@ -77,8 +77,9 @@ class EvalConfig:
     """Checkpoint to evaluate (any HF causal LM directory, or a hub name). Default: the embedded
     SmolLM2-135M."""
     data: str | None = None
-    """Text source: a .txt/.md/.jsonl/.json file or a folder of them. Default: the held-out slice
-    of the embedded Wikipedia sample."""
+    """Text source, read as training reads it: a .json/.jsonl/.parquet/.txt/.md/.csv file or a folder
+    of them (in .txt/.md a paragraph is a document), or a hub dataset name. Default: the held-out
+    slice of the embedded Wikipedia sample."""
     text_field: str = "text"
     """Field holding the text in JSON records."""
     seq_len: int = 512
@@ -92,66 +93,166 @@ class EvalConfig:
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Compute dtype; auto is fp32 on CPU and bf16 on GPU."""
     output_json: str | None = None
-    """Also write the result as JSON to this file."""
+    """Also write the result as JSON to this file (with every window's mean NLL, for paired
+    comparisons of two models on the same windows)."""
     quiet: bool = False
     """No progress bar."""
 
 
 @dataclass
+class EvalTasksConfig:
+    """Options of ``tools/eval_tasks.py``."""
+
+    model: str | None = None
+    """Checkpoint to evaluate (any HF causal LM directory: a base, a fuse_layers output, RUN_DIR/final;
+    or a hub name). Default: the embedded SmolLM2-135M."""
+    tasks: str = "paper"
+    """paper (the paper's tasks that exist offline, plus HellaSwag and ARC-Challenge) or a
+    comma-separated list of lm-eval task names (see --help's list)."""
+    num_fewshot: int = 0
+    """Examples in each prompt (the paper: 0)."""
+    limit: int | None = None
+    """Score only the first N documents of each task (for quick checks; not comparable to full scores)."""
+    batch_size: str | None = None
+    """lm-eval's batch size: a number, or auto. Default: auto with a GPU, 8 on CPUs."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model runs; auto picks cuda when visible."""
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """Model weights and log-softmax dtype; auto is fp32 on CPUs and bf16 on GPUs."""
+    apply_chat_template: bool = False
+    """Format prompts with the model's chat template (instruction-tuned models)."""
+    output_path: str = "runs/eval_tasks"
+    """Where lm-eval writes its results JSON (its usual file: OUTPUT_PATH/<model>/results_<time>.json)."""
+    quiet: bool = False
+    """No progress bars."""
+
+
+@dataclass
+class StudyConfig:
+    """Options of ``tools/study.py``."""
+
+    config: str | None = None
+    """The study file (YAML: base, train, budget, seeds, eval, baseline, arms; see the README).
+    Default: studies/default.yaml."""
+    out: str | None = None
+    """Study directory (plan.json, cells/, report.md). Default: runs/study/<config name>."""
+    launcher: str = "local"
+    """local (cells one after another on this machine, DeepSpeed over the visible devices) or slurm
+    (one chain of jobs per cell with the shipped batch scripts)."""
+    ranks: int | None = None
+    """Training processes per cell (with --launcher slurm: nodes x tasks per node of the jobs; it
+    sets the tokens per step). Default: every visible GPU, or 2 on CPUs."""
+    only: str | None = None
+    """Run only this arm's cells (the plan and budget still cover every arm)."""
+    quick: bool = False
+    """A smoke run: only the first seed, every stage at half its steps (other cells than the full
+    study's; the default study takes under 15 minutes on 2 CPUs this way)."""
+    dry_run: bool = False
+    """Print every arm's steps, tokens and FLOPs and every command; run nothing (plan.json is written)."""
+    report_only: bool = False
+    """Rebuild report.md, report.json and the plots from the finished cells; run nothing."""
+    sbatch_args: str | None = None
+    """Extra sbatch options for the training jobs of --launcher slurm (e.g. "--nodes=1 --ntasks-per-node=8")."""
+
+
+# -- training: sections shared by launchers/cpt.py and launchers/sft.py ---------------------------
+
+
+@dataclass
+class ModelOptions:
+    """Model: what trains, and how it runs under DeepSpeed."""
+
+    model: str | None = None
+    """Up-scaled checkpoint (an HF directory with deus_manifest.json, or a hub name). Default: the
+    embedded SmolLM2-135M up-scaled by tools/fuse_layers.py's defaults (made first if missing)."""
+    ds_config: str | None = None
+    """DeepSpeed JSON (ds_configs/zero3.json on GPUs, zero3_cpu.json on CPU). Its "auto" values
+    are filled from the options below; explicit values must agree with them. Default:
+    ds_configs/zero3.json when a GPU is visible, else ds_configs/zero3_cpu.json."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Compute precision: bf16 (weights and activations in bfloat16, fp32 master weights and Adam
+    moments) or fp32. auto: bf16 on GPUs that support it, else fp32. Fills the DeepSpeed JSON's
+    "bf16": {"enabled": "auto"}."""
+    trainable: str = "new"
+    """Which parameters train: new (the manifest's new_layers), all, or a regular expression
+    matched (re.search) against parameter names."""
+    train_embeddings: bool = False
+    """Also train the embeddings and lm_head with --trainable new (--trainable all includes them)."""
+    activation_checkpointing: bool = False
+    """Recompute layer activations in backward (non-reentrant) to save memory."""
+    zero3_leaf_layers: bool = True
+    """ZeRO-3 gathers each decoder layer's parameters in one hook instead of one per sub-module
+    (fewer hooks and all-gathers per step; see tools/bench_train.py)."""
+
+
+@dataclass
 class DataOptions:
-    """How training text becomes packed token blocks: shared by ``launchers/cpt.py`` and
-    ``tools/prepare_data.py``, so both compute the same cache key."""
+    """Data: where it comes from and how it is cached."""
 
     data: str | None = None
-    """Training text: a local .json/.jsonl/.parquet/.txt/.csv file or a folder of them, or a hub
-    dataset name (org/name). Default: the training slice of the embedded Wikipedia sample."""
-    text_field: str = "text"
-    """Column holding the text."""
+    """Training data: a local .json/.jsonl/.parquet/.txt/.csv file or a folder of them, or a hub
+    dataset name (org/name). Default: the launcher's embedded sample."""
     eval_data: str | None = None
-    """Held-out text (same forms as --data). Default: the held-out slice of the embedded sample for
-    the default data, else --eval_fraction of --data's documents."""
+    """Held-out data (same forms as --data). Default: the held-out slice of the embedded sample for
+    the default data, else --eval_fraction of --data's records."""
     eval_fraction: float = 0.02
-    """Share of --data's documents held out for evaluation when --eval_data is not given."""
+    """Share of --data's records held out for evaluation when --eval_data is not given (chosen with
+    a fixed seed: it does not move with --seed)."""
     seq_len: int | None = None
-    """Tokens per packed training sequence (documents joined with EOS, then cut). Default: 2048
-    with a GPU, 256 on CPUs (tools/prepare_data.py: 2048)."""
+    """Tokens per training sequence. Default: 2048 with a GPU, 256 on CPUs (tools/prepare_data.py:
+    2048)."""
     data_cache: str | None = None
-    """Where the tokenized, packed data is cached (one folder per cache key). Default:
-    OUTPUT_DIR/data_cache. On node-local scratch it is built once per node."""
+    """Where the tokenized data is cached (one folder per cache key). Default: OUTPUT_DIR/data_cache.
+    On node-local scratch it is built once per node."""
     num_proc: int | None = None
     """Tokenizer processes (datasets.map). Default: up to 8 for sources of 20,000 records or more,
     else 1."""
 
 
 @dataclass
-class TrainConfig(DataOptions):
-    """Options of ``launchers/cpt.py`` (continual pre-training of the inserted layers)."""
+class TextDataOptions(DataOptions):
+    """Data: plain text for continual pre-training."""
 
-    ds_config: str | None = None
-    """DeepSpeed JSON (ds_configs/zero3.json on GPUs, zero3_cpu.json on CPU). Its "auto" values
-    are filled from the options below; explicit values must agree with them. Default:
-    ds_configs/zero3.json when a GPU is visible, else ds_configs/zero3_cpu.json."""
-    model: str | None = None
-    """Up-scaled checkpoint (an HF directory with deus_manifest.json, or a hub name). Default: the
-    embedded SmolLM2-135M up-scaled by tools/fuse_layers.py's defaults (made first if missing)."""
-    output_dir: str = "runs/cpt"
-    """Run directory: metrics.jsonl, checkpoints/, final/ (the exported HF checkpoint). Must be on
-    a filesystem every node shares (checked at start-up)."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """Compute precision: bf16 (weights and activations in bfloat16, fp32 master weights and Adam
-    moments) or fp32. auto: bf16 on GPUs that support it, else fp32. Fills the DeepSpeed JSON's
-    "bf16": {"enabled": "auto"}."""
+    text_field: str = "text"
+    """Column holding the text."""
+
+
+@dataclass
+class ChatDataOptions(DataOptions):
+    """Data: conversations for instruction tuning."""
+
+    format: Literal["auto", "sharegpt", "messages", "alpaca"] = "auto"
+    """Record format: sharegpt (conversations: [{from, value}]), messages (messages: [{role,
+    content}]), alpaca (instruction, input, output). auto: from the columns."""
+    chat_template: str | None = None
+    """Chat template for a model without one (or to replace its own): chatml (built in) or a Jinja
+    file. Default: the tokenizer's."""
+    train_on_prompt: bool = False
+    """Compute the loss on every token, not only on the assistant turns."""
+    packing: bool = True
+    """Several conversations per sequence, each with its own positions and no attention across
+    them (--no_packing: one conversation per sequence, padded; padding never counts)."""
+    truncation: Literal["turn", "drop"] = "turn"
+    """A conversation longer than --seq_len is cut after its last whole assistant turn that fits
+    (turn), or dropped (drop)."""
+
+
+@dataclass
+class OptimOptions:
+    """Optimization: batch, schedule and optimizer (global batch = micro_batch * grad_accum * world size)."""
+
     micro_batch: int | None = None
-    """Sequences per rank per forward pass. Global batch = micro_batch * grad_accum * world size.
-    Default: 4 with a GPU, 1 on CPUs."""
+    """Sequences per rank per forward pass. Default: 4 with a GPU, 1 on CPUs."""
     grad_accum: int | None = None
     """Micro-batches accumulated per optimizer step. Default: 8 with a GPU, 1 on CPUs; on a resume
     with another world size, whatever keeps the checkpoint's global batch."""
     max_steps: int | None = None
-    """Optimizer steps to train for. Default: from --max_tokens, else one epoch of --data (10 steps
-    on the embedded sample, a demonstration)."""
+    """Optimizer steps to train for. Default: from --max_tokens, else --num_epochs over --data (10
+    steps on the embedded sample, a demonstration)."""
     max_tokens: int | None = None
     """Train for this many tokens (rounded up to whole steps); ignored when --max_steps is given."""
+    num_epochs: float = 1.0
+    """Passes over the training data when neither --max_steps nor --max_tokens is given."""
     lr: float = 2e-4
     """Peak learning rate (AdamW)."""
     warmup_steps: int = 100
@@ -164,24 +265,21 @@ class TrainConfig(DataOptions):
     """AdamW betas."""
     grad_clip: float = 1.0
     """Gradient-norm clipping (0: off)."""
-    trainable: str = "new"
-    """Which parameters train: new (the manifest's new_layers), all, or a regular expression
-    matched (re.search) against parameter names."""
-    train_embeddings: bool = False
-    """Also train the embeddings and lm_head with --trainable new (--trainable all includes them)."""
-    activation_checkpointing: bool = False
-    """Recompute layer activations in backward (non-reentrant) to save memory."""
-    zero3_leaf_layers: bool = True
-    """ZeRO-3 gathers each decoder layer's parameters in one hook instead of one per sub-module
-    (fewer hooks and all-gathers per step; see tools/bench_train.py)."""
+    seed: int = 0
+    """Seed of the data order and of any randomness in training."""
+
+
+@dataclass
+class CheckpointOptions:
+    """Checkpoints: where a run writes, and how it stops and resumes."""
+
+    output_dir: str = "runs/cpt"
+    """Run directory: metrics.jsonl, checkpoints/, final/ (the exported HF checkpoint). Must be on
+    a filesystem every node shares (checked at start-up)."""
     save_every: int = 0
     """Save a DeepSpeed checkpoint every N steps (0: only at the end and on SIGTERM)."""
     keep_checkpoints: int = 2
     """How many of the latest step checkpoints to keep (0: all)."""
-    eval_every: int = 0
-    """Held-out perplexity every N steps (0: only at the end)."""
-    eval_batches: int = 8
-    """Micro-batches per rank in each evaluation (0: the whole held-out set)."""
     resume: str = "auto"
     """auto (continue from the latest checkpoint in OUTPUT_DIR/checkpoints if there is one), none,
     or the path of a checkpoint directory (OUTPUT_DIR/checkpoints or one step inside it). A
@@ -189,13 +287,21 @@ class TrainConfig(DataOptions):
     stop_at_step: int | None = None
     """Save and stop after this step without finishing the schedule (exit status 0; resume later
     with the same options)."""
+    export: bool = True
+    """Export OUTPUT_DIR/final (plain HF checkpoint) at the end."""
+
+
+@dataclass
+class RunOptions:
+    """Run: evaluation during training, logging and the process group."""
+
+    eval_every: int = 0
+    """Held-out loss and perplexity every N steps (0: only at the end)."""
+    eval_batches: int = 8
+    """Micro-batches per rank in each evaluation (0: the whole held-out set)."""
     dist_timeout: float = 1800.0
     """Seconds a collective waits for its peers before the run fails. Data preparation and
     up-scaling never run inside a collective, so this only needs to cover a step and a save."""
-    export: bool = True
-    """Export OUTPUT_DIR/final (plain HF checkpoint) at the end."""
-    seed: int = 0
-    """Seed of the data order and of any randomness in training."""
     log_every: int = 1
     """Print a metrics line every N steps (metrics.jsonl gets every step)."""
     quiet: bool = False
@@ -205,7 +311,21 @@ class TrainConfig(DataOptions):
 
 
 @dataclass
-class PrepareDataConfig(DataOptions):
+class TrainConfig(RunOptions, CheckpointOptions, OptimOptions, TextDataOptions, ModelOptions):
+    """Options of ``launchers/cpt.py`` (continual pre-training of the inserted layers)."""
+
+
+@dataclass
+class SftConfig(RunOptions, CheckpointOptions, OptimOptions, ChatDataOptions, ModelOptions):
+    """Options of ``launchers/sft.py`` (instruction tuning of the inserted layers)."""
+
+    output_dir: str = "runs/sft"
+    """Run directory: metrics.jsonl, checkpoints/, final/ (the exported HF checkpoint). Must be on
+    a filesystem every node shares (checked at start-up)."""
+
+
+@dataclass
+class PrepareDataConfig(TextDataOptions):
     """Options of ``tools/prepare_data.py``: the data options of cpt.py, and the model whose tokenizer
     is used."""
 

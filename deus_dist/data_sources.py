@@ -1,67 +1,156 @@
-"""Text sources: local text/JSON files or folders, or the embedded Wikipedia sample.
+"""The one data layer: where text comes from, for training, perplexity and calibration alike.
 
-Training data (anything ``datasets`` loads) goes through the training data module; this one
-streams plain documents for evaluation and calibration without extra dependencies.
+A source is a local file or folder (.json/.jsonl/.parquet/.txt/.md/.csv; in .txt/.md files a
+paragraph, up to a blank line, is a document), a hub dataset name (``org/name``), or the embedded
+Wikipedia sample's training or held-out slice. ``source_identity`` says what a source is made of
+(its files' names within the source, sizes and a digest of sampled bytes: content, not paths);
+``open_dataset`` reads it with ``datasets``; ``iter_documents`` streams its texts.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+import re
+import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from deus_dist.errors import UserError
 
-TEXT_SUFFIXES = (".txt", ".md")
-JSON_SUFFIXES = (".jsonl", ".json")
+BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".md": "text",
+    ".csv": "csv",
+}
+EMBEDDED = "embedded:wikipedia"
+_HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SAMPLE_BYTES = 1 << 12
+SAMPLES = 4
+"""A source file's digest reads SAMPLES windows of SAMPLE_BYTES (16 KiB a file, on every rank)."""
 
 
-def _files(path: Path, option: str) -> list[Path]:
-    if not path.exists():
-        raise UserError(f"{option}: {path} does not exist")
+@dataclass(frozen=True)
+class Source:
+    """A text source: what its cache key holds (``key``) and how to open it."""
+
+    label: str
+    """For messages: the path or name the user gave."""
+    key: dict
+    """Content identity: files by relative name, size and sampled digest; or the hub name."""
+    files: tuple[Path, ...] = ()
+    builder: str | None = None
+
+
+def _content_digest(path: Path, size: int) -> str:
+    """sha256 of ``SAMPLES`` evenly spaced windows of the file (the first and the last among them):
+    with the size, enough to tell corpora apart without reading terabytes at every start-up."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= SAMPLES * SAMPLE_BYTES:
+            h.update(f.read())
+        else:
+            for i in range(SAMPLES):
+                f.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+                h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()[:32]
+
+
+def _local_files(path: Path, option: str) -> tuple[str, list[Path]]:
     if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES + JSON_SUFFIXES)
-    if not files:
-        raise UserError(f"{option}: {path} holds no {', '.join(TEXT_SUFFIXES + JSON_SUFFIXES)} files")
-    return files
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in BUILDERS)
+        if not files:
+            raise UserError(f"{option}: {path} holds no {'/'.join(sorted(BUILDERS))} files")
+    kinds = {BUILDERS.get(p.suffix) for p in files}
+    if None in kinds:
+        raise UserError(f"{option}: {path} is not one of {', '.join(sorted(BUILDERS))}")
+    if len(kinds) > 1:
+        raise UserError(f"{option}: {path} mixes file kinds ({', '.join(sorted(kinds))}); use one kind")
+    return kinds.pop(), files
 
 
-def _json_records(path: Path, option: str) -> Iterator[dict]:
-    with open(path) as f:
-        head = f.read(1)
-        while head.isspace():
-            head = f.read(1)
-        f.seek(0)
-        if head == "[":
-            data = json.load(f)
-            yield from data
-            return
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{option}: {path} line {n} is not JSON: {e}") from None
+def looks_like_path(value: str) -> bool:
+    """A value meant as a local path: explicit (./, /, ~), a data-file name, or under an existing
+    directory. Only ``org/name`` that is none of these is taken as a hub dataset."""
+    if value.startswith((".", "/", "~")) or Path(value).suffix in BUILDERS:
+        return True
+    if not _HUB_DATASET.match(value):
+        return True
+    return Path(value).parent.is_dir() and str(Path(value).parent) not in ("", ".")
+
+
+def source_identity(source: str | None, option: str, split: str = "train") -> Source:
+    """The source ``option`` names; a path-like value that does not exist is an error (never a hub
+    lookup)."""
+    if source is None:
+        return Source(f"the embedded Wikipedia sample ({split})", {"source": EMBEDDED, "split": split})
+    path = Path(source).expanduser()
+    if path.exists():
+        builder, files = _local_files(path, option)
+        entries = []
+        for p in files:
+            size = p.stat().st_size
+            # in a folder the names order the stream; a single file is its content alone
+            name = str(p.relative_to(path)) if path.is_dir() else ""
+            entries.append([name, size, _content_digest(p, size)])
+        return Source(str(path), {"builder": builder, "files": entries}, tuple(files), builder)
+    if looks_like_path(source):
+        raise UserError(f"{option}: {source} does not exist")
+    return Source(source, {"source": source, "builder": "hub"}, (), "hub")
+
+
+def open_dataset(src: Source, text_field: str | None, option: str, scratch: Path):
+    """A ``datasets.Dataset`` with the records of ``src`` (local files are converted under
+    ``scratch``, deleted after packing; hub datasets use the user's datasets cache). ``text_field``,
+    when given, must be one of its columns."""
+    import datasets
+
+    if src.key.get("source") == EMBEDDED:
+        from deus_dist.embedded import wikipedia_split
+
+        return datasets.Dataset.from_dict(
+            {text_field: [a["text"] for a in wikipedia_split(src.key["split"])]}
+        )
+    try:
+        if src.builder == "hub":
+            ds = datasets.load_dataset(src.label, split="train")
+        else:
+            # plain text: a paragraph (up to a blank line) is a document, followed by EOS
+            extra = {"sample_by": "paragraph"} if src.builder == "text" else {}
+            ds = datasets.load_dataset(
+                src.builder,
+                data_files=[str(f) for f in src.files],
+                split="train",
+                cache_dir=str(scratch),
+                **extra,
+            )
+    except Exception as e:  # datasets raises many types for unreadable input
+        raise UserError(f"{option}: cannot load {src.label}: {type(e).__name__}: {e}") from None
+    if text_field is not None and text_field not in ds.column_names:
+        raise UserError(
+            f"--text_field: {src.label} has no column {text_field!r} (columns: {', '.join(ds.column_names)})"
+        )
+    return ds
 
 
 def iter_documents(
     data: str | None, text_field: str = "text", option: str = "--data", split: str = "heldout"
 ) -> Iterator[str]:
-    """Documents from ``data`` (a file or folder of .txt/.md/.jsonl/.json), or, when None, from the
-    embedded Wikipedia sample's ``split``. A JSON record without ``text_field`` is an error."""
-    if data is None:
-        from deus_dist.embedded import wikipedia_split
+    """The non-empty texts of ``data`` in source order (``None``: the embedded Wikipedia sample's
+    ``split``), read as training reads them: a .txt paragraph is a document; a missing
+    ``text_field`` is an error naming --text_field."""
+    import datasets
 
-        for article in wikipedia_split(split):
-            yield article["text"]
-        return
-    for path in _files(Path(data), option):
-        if path.suffix in JSON_SUFFIXES:
-            for record in _json_records(path, option):
-                if not isinstance(record, dict) or text_field not in record:
-                    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                    raise UserError(f"--text_field: {path} has records without {text_field!r} (keys: {keys})")
-                yield str(record[text_field])
-        else:
-            yield path.read_text()
+    src = source_identity(data, option, split)
+    datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory(prefix="deus-docs-") as scratch:
+        ds = open_dataset(src, text_field, option, Path(scratch)).select_columns([text_field])
+        for batch in ds.iter(batch_size=1000):
+            for text in batch[text_field]:
+                if isinstance(text, str) and text.strip():
+                    yield text

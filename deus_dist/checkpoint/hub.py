@@ -30,3 +30,16 @@ def resolve_model_path(value: str, option: str = "--model") -> Path:
             f"{option}: {value} is neither a local directory nor a model the hub returned "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
+
+
+def checkpoint_dir(value: str | None, option: str = "--model", progress: bool = True) -> Path:
+    """An HF checkpoint directory for an option that reads one: the embedded SmolLM2-135M when
+    ``value`` is None, a hub name fetched, a local path that must hold config.json."""
+    if value is None:
+        from deus_dist.embedded import embedded_model_dir
+
+        return embedded_model_dir(progress=progress)
+    path = resolve_model_path(value, option)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{option}: {path} is not an HF checkpoint directory (no config.json)")
+    return path

@@ -94,6 +94,15 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _section(cls: type, name: str) -> type:
+    """The most basic dataclass in ``cls``'s bases that declares field ``name`` (a config that only
+    re-defaults a field keeps it in its section)."""
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass) and name in klass.__dict__.get("__annotations__", {}):
+            return klass
+    return cls
+
+
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
@@ -103,20 +112,29 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument(
-        "--config",
-        metavar="FILE.yaml",
-        help="YAML file with any of the options below as keys (flags given here override it).",
-    )
+    own_config = "config" in {f.name for f in dataclasses.fields(cls)}  # tools/study.py's study file
+    if not own_config:
+        parser.add_argument(
+            "--config",
+            metavar="FILE.yaml",
+            help="YAML file with any of the options below as keys (flags given here override it).",
+        )
+    groups: dict[type, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(cls):
+        section = _section(cls, f.name)
+        if section not in groups:  # configs made of shared sections show each as its own group
+            doc = (inspect.getdoc(section) or section.__name__).splitlines()[0].rstrip(".")
+            title = doc if section is not cls else None
+            groups[section] = parser.add_argument_group(title) if title else parser
+        add = groups[section].add_argument
         tp, _ = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         doc = docs.get(f.name, "")
         help_text = doc if "Default" in doc else f"{doc} (default: {default})"
         if tp is bool:
-            parser.add_argument(f"--{f.name}", dest=f.name, action="store_const", const=True, help=help_text)
+            add(f"--{f.name}", dest=f.name, action="store_const", const=True, help=help_text)
             if default is not False:
-                parser.add_argument(
+                add(
                     f"--no_{f.name}",
                     dest=f.name,
                     action="store_const",
@@ -128,7 +146,7 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         if typing.get_origin(tp) is Literal:
             kwargs["choices"] = typing.get_args(tp)
             kwargs.pop("metavar")
-        parser.add_argument(f"--{f.name}", dest=f.name, **kwargs)
+        add(f"--{f.name}", dest=f.name, **kwargs)
     return parser
 
 
@@ -152,7 +170,7 @@ def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: s
     values: dict[str, Any] = {}
     problems: list[str] = []
     names = {f.name for f in dataclasses.fields(cls)}
-    if "config" in ns:
+    if "config" in ns and "config" not in names:
         for key, value in load_yaml(ns.pop("config")).items():
             key = str(key).replace("-", "_")
             if key not in names:
@@ -171,3 +189,16 @@ def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: s
     if problems:
         raise UserError(problems)
     return cls(**kwargs)
+
+
+def tool_main(prog: str, cls: type[T], description: str, run, argv: list[str] | None) -> int:
+    """A tool's ``main``: ``run(cfg)`` on the options parsed from ``argv``; bad input (a UserError)
+    becomes one message on stderr and exit status 2."""
+    import sys
+
+    try:
+        run(parse_config(cls, argv, prog, description))
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

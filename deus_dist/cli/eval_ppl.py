@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from deus_dist.cli.args import parse_config
+from deus_dist.cli.args import tool_main
 from deus_dist.configs import EvalConfig
 from deus_dist.errors import UserError
 
@@ -25,8 +25,8 @@ def run(cfg: EvalConfig) -> dict:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from deus_dist.checkpoint.hub import resolve_model_path
-    from deus_dist.data_sources import iter_documents
+    from deus_dist.checkpoint.hub import checkpoint_dir
+    from deus_dist.data_sources import iter_documents, source_identity
     from deus_dist.eval.perplexity import perplexity
     from deus_dist.hf_logging import quiet_transformers
 
@@ -37,16 +37,15 @@ def run(cfg: EvalConfig) -> dict:
         problems.append(f"--batch_size must be at least 1, got {cfg.batch_size}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda: no CUDA device is visible")
-    if cfg.model is None:
-        from deus_dist.embedded import embedded_model_dir
-
-        model_dir = embedded_model_dir(progress=not cfg.quiet)
-    else:
-        model_dir = resolve_model_path(cfg.model)
-        if not (model_dir / "config.json").is_file():
-            problems.append(f"--model: {model_dir} is not an HF checkpoint directory (no config.json)")
-    if cfg.data is not None and not Path(cfg.data).exists():
-        problems.append(f"--data: {cfg.data} does not exist")
+    try:
+        model_dir = checkpoint_dir(cfg.model, progress=not cfg.quiet)
+    except UserError as e:
+        problems.extend(e.problems)
+    if cfg.data is not None:
+        try:
+            source_identity(cfg.data, "--data")  # a missing path, or files of no kind datasets reads
+        except UserError as e:
+            problems.extend(e.problems)
     if problems:
         raise UserError(problems)
     device = torch.device(
@@ -93,6 +92,7 @@ def run(cfg: EvalConfig) -> dict:
         "nll": result.nll,
         "perplexity": result.perplexity,
         "seconds": round(result.seconds, 2),
+        "window_nll": result.window_nll,
     }
     print(f"model       {report['model']}")
     print(f"data        {report['data']}")
@@ -105,9 +105,4 @@ def run(cfg: EvalConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(parse_config(EvalConfig, argv, "eval_ppl.py", DESCRIPTION))
-    except UserError as e:
-        print(f"eval_ppl.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return tool_main("eval_ppl.py", EvalConfig, DESCRIPTION, run, argv)

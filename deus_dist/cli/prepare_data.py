@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from deus_dist.cli.args import parse_config
+from deus_dist.cli.args import tool_main
 from deus_dist.configs import PrepareDataConfig
-from deus_dist.errors import UserError
 
 DESCRIPTION = """\
 Tokenize and pack a corpus into the cache launchers/cpt.py reads, with several tokenizer processes,
@@ -29,7 +27,7 @@ DEFAULT_CACHE = "runs/cpt/data_cache"  # cpt.py's default OUTPUT_DIR/data_cache
 def run(cfg: PrepareDataConfig, log=print) -> Path:
     import time
 
-    from deus_dist.checkpoint.hub import resolve_model_path
+    from deus_dist.checkpoint.hub import checkpoint_dir
     from deus_dist.errors import Problems
     from deus_dist.train.data import build_packed, cache_folder, data_spec, open_packed
 
@@ -41,15 +39,7 @@ def run(cfg: PrepareDataConfig, log=print) -> Path:
         problems.append(f"--num_proc must be positive, got {cfg.num_proc}")
     if not 0 < cfg.eval_fraction < 1:
         problems.append(f"--eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
-    if cfg.model is None:
-        from deus_dist.embedded import embedded_model_dir
-
-        model_dir = problems.attempt(lambda: embedded_model_dir(progress=not cfg.quiet))
-    else:
-        model_dir = problems.attempt(lambda: resolve_model_path(cfg.model))
-        if model_dir is not None and not (model_dir / "config.json").is_file():
-            problems.append(f"--model: {model_dir} is not an HF checkpoint directory (no config.json)")
-            model_dir = None
+    model_dir = problems.attempt(lambda: checkpoint_dir(cfg.model, progress=not cfg.quiet))
     spec = None
     if model_dir is not None:
         spec = problems.attempt(
@@ -82,9 +72,4 @@ def run(cfg: PrepareDataConfig, log=print) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(parse_config(PrepareDataConfig, argv, "prepare_data.py", DESCRIPTION))
-    except UserError as e:
-        print(f"prepare_data.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return tool_main("prepare_data.py", PrepareDataConfig, DESCRIPTION, run, argv)

@@ -30,24 +30,32 @@ examples:
 """
 
 
-def run(cfg: TrainConfig, log=print) -> int:
+def run(cfg, pipeline=None, log=print) -> int:
+    """Train, export; the exit status: 0 when finished (or at --stop_at_step), 3 when a signal stopped
+    the run after a complete checkpoint."""
     from deus_dist.train.run import STOPPED_BY_SIGNAL, start, train_and_export
 
-    outcome = train_and_export(start(cfg, log=log), log=log)
+    outcome = train_and_export(start(cfg, pipeline, log=log), log=log)
     return STOPPED_BY_SIGNAL if outcome.signalled else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def launcher_main(prog: str, cls: type, description: str, pipeline, argv: list[str] | None) -> int:
+    """``main`` of a training launcher (cpt.py, sft.py): bad input exits 2 with one message, printed
+    by the rank that found it (rank 0 when every rank did); the process group is always closed."""
     try:
-        return run(parse_config(TrainConfig, argv, "cpt.py", DESCRIPTION))
+        return run(parse_config(cls, argv, prog, description), pipeline)
     except UserError as e:
         from deus_dist.train.dist import layout
 
-        if e.reported_by(layout()[0]):  # one rank prints what every rank (or it alone) found
-            print(f"cpt.py: error: {e}", file=sys.stderr)
+        if e.reported_by(layout()[0]):
+            print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     finally:
         import torch
 
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return launcher_main("cpt.py", TrainConfig, DESCRIPTION, None, argv)

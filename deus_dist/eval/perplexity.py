@@ -22,6 +22,9 @@ class PerplexityResult:
     nll: float
     """Mean negative log-likelihood per scored token (nats)."""
     seconds: float
+    window_nll: list[float]
+    """Each window's mean NLL per scored token, in order: the same windows for any model with the
+    same tokenizer and data, so two models can be compared window by window (paired)."""
 
     @property
     def perplexity(self) -> float:
@@ -60,6 +63,7 @@ def perplexity(
     device = next(model.parameters()).device
     max_windows = None if max_tokens is None else max(1, math.ceil(max_tokens / (seq_len - 1)))
     total_nll, total_tokens, count = 0.0, 0, 0
+    per_window: list[float] = []
     start = time.perf_counter()
     batch: list[list[int]] = []
 
@@ -68,9 +72,10 @@ def perplexity(
         ids = torch.tensor(batch, device=device)
         logits = model(input_ids=ids).logits.float()
         nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += nll.item()
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+        ).view(len(batch), -1)
+        per_window.extend(nll.mean(dim=1).tolist())
+        total_nll += nll.sum().item()
         total_tokens += ids[:, 1:].numel()
         count += len(batch)
         if progress is not None:
@@ -84,5 +89,7 @@ def perplexity(
     if batch:
         flush()
     if total_tokens == 0:
-        return PerplexityResult(0, 0, float("nan"), time.perf_counter() - start)
-    return PerplexityResult(total_tokens, count, total_nll / total_tokens, time.perf_counter() - start)
+        return PerplexityResult(0, 0, float("nan"), time.perf_counter() - start, [])
+    return PerplexityResult(
+        total_tokens, count, total_nll / total_tokens, time.perf_counter() - start, per_window
+    )

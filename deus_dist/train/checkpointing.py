@@ -147,7 +147,9 @@ class RunIdentity:
     data: dict
 
 
-def resume_conflicts(state: TrainState, path: Path, run: RunIdentity, batch_text: str) -> list[str]:
+def resume_conflicts(
+    state: TrainState, path: Path, run: RunIdentity, batch_text: str, key_options: dict[str, str]
+) -> list[str]:
     """Why ``path`` cannot continue ``run``: each problem names the option, both values and the way
     forward. The world size may differ (the checkpoint is converted); --max_steps may change."""
     fresh = "or start a new run (--resume none, or another --output_dir)"
@@ -185,27 +187,33 @@ def resume_conflicts(state: TrainState, path: Path, run: RunIdentity, batch_text
             f"{run.precision}; pass --precision {state.precision}, {fresh}"
         )
     if state.data is not None:
-        problems += _data_conflicts(state.data, run.data, path, fresh)
+        problems += _data_conflicts(state.data, run.data, path, fresh, key_options)
     return problems
 
 
-def _data_conflicts(saved: dict, now: dict, path: Path, fresh: str) -> list[str]:
-    if saved.get("train") != now.get("train"):
-        return [
-            f"--data: {path} was trained on other data (its files' names, sizes or contents differ; the same "
-            f"files under another path are fine); pass the data it was trained on, {fresh}"
-        ]
-    if saved.get("text_field") != now.get("text_field"):
-        return [
-            f"--text_field: {path} was trained on {saved.get('text_field')!r}, this run reads "
-            f"{now.get('text_field')!r}; pass --text_field {saved.get('text_field')}, {fresh}"
-        ]
-    if saved.get("eval_fraction") != now.get("eval_fraction"):
-        return [
-            f"--eval_data/--eval_fraction: {path} held out {_held(saved)}, this run holds out {_held(now)}, which "
-            f"changes the training documents; use the original held-out setting, {fresh}"
-        ]
-    return []
+def _data_conflicts(saved: dict, now: dict, path: Path, fresh: str, key_options: dict[str, str]) -> list[str]:
+    """The parts of the data's cache key that changed, each named by the option it comes from
+    (``key_options``; --seq_len is compared on its own, the held-out set alone may change)."""
+    problems = []
+    for key, option in key_options.items():
+        if saved.get(key) == now.get(key) or key == "tokenizer":  # the tokenizer is part of --model
+            continue
+        if key == "train":
+            problems.append(
+                f"--data: {path} was trained on other data (its files' names, sizes or contents differ; the "
+                f"same files under another path are fine); pass the data it was trained on, {fresh}"
+            )
+        elif key == "eval_fraction":
+            problems.append(
+                f"{option}: {path} held out {_held(saved)}, this run holds out {_held(now)}, which changes the "
+                f"training records; use the original held-out setting, {fresh}"
+            )
+        else:
+            problems.append(
+                f"{option}: {path} was trained with {saved.get(key)!r}, this run has {now.get(key)!r}; pass "
+                f"the original {option}, {fresh}"
+            )
+    return problems
 
 
 def _held(key: dict) -> str:

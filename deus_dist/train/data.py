@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -30,16 +29,9 @@ import numpy as np
 import torch
 
 from deus_dist.checkpoint.writer import build_once
+from deus_dist.data_sources import Source, open_dataset, source_identity
 from deus_dist.errors import UserError
 
-BUILDERS = {
-    ".json": "json",
-    ".jsonl": "json",
-    ".parquet": "parquet",
-    ".txt": "text",
-    ".md": "text",
-    ".csv": "csv",
-}
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -49,118 +41,9 @@ TOKENIZER_FILES = (
     "merges.txt",
 )
 SPLIT_SEED = 1234  # fixed: the held-out documents do not move with --seed
-EMBEDDED = "embedded:wikipedia"
 FORMAT = 2
-_HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-SAMPLE_BYTES = 1 << 12
-SAMPLES = 4
-"""A source file's digest reads SAMPLES windows of SAMPLE_BYTES (16 KiB a file, on every rank)."""
 AUTO_PROC_RECORDS = 20_000
 """Sources with fewer records are tokenized in this process: starting workers costs more."""
-
-
-@dataclass(frozen=True)
-class Source:
-    """A text source: what its cache key holds (``key``) and how to open it."""
-
-    label: str
-    """For messages: the path or name the user gave."""
-    key: dict
-    """Content identity: files by relative name, size and sampled digest; or the hub name."""
-    files: tuple[Path, ...] = ()
-    builder: str | None = None
-
-
-def _content_digest(path: Path, size: int) -> str:
-    """sha256 of ``SAMPLES`` evenly spaced windows of the file (the first and the last among them):
-    with the size, enough to tell corpora apart without reading terabytes at every start-up."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= SAMPLES * SAMPLE_BYTES:
-            h.update(f.read())
-        else:
-            for i in range(SAMPLES):
-                f.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
-                h.update(f.read(SAMPLE_BYTES))
-    return h.hexdigest()[:32]
-
-
-def _local_files(path: Path, option: str) -> tuple[str, list[Path]]:
-    if path.is_file():
-        files = [path]
-    else:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in BUILDERS)
-        if not files:
-            raise UserError(f"{option}: {path} holds no {'/'.join(sorted(BUILDERS))} files")
-    kinds = {BUILDERS.get(p.suffix) for p in files}
-    if None in kinds:
-        raise UserError(f"{option}: {path} is not one of {', '.join(sorted(BUILDERS))}")
-    if len(kinds) > 1:
-        raise UserError(f"{option}: {path} mixes file kinds ({', '.join(sorted(kinds))}); use one kind")
-    return kinds.pop(), files
-
-
-def looks_like_path(value: str) -> bool:
-    """A value meant as a local path: explicit (./, /, ~), a data-file name, or under an existing
-    directory. Only ``org/name`` that is none of these is taken as a hub dataset."""
-    if value.startswith((".", "/", "~")) or Path(value).suffix in BUILDERS:
-        return True
-    if not _HUB_DATASET.match(value):
-        return True
-    return Path(value).parent.is_dir() and str(Path(value).parent) not in ("", ".")
-
-
-def source_identity(source: str | None, option: str, split: str = "train") -> Source:
-    """The source ``option`` names; a path-like value that does not exist is an error (never a hub
-    lookup)."""
-    if source is None:
-        return Source(f"the embedded Wikipedia sample ({split})", {"source": EMBEDDED, "split": split})
-    path = Path(source).expanduser()
-    if path.exists():
-        builder, files = _local_files(path, option)
-        entries = []
-        for p in files:
-            size = p.stat().st_size
-            # in a folder the names order the stream; a single file is its content alone
-            name = str(p.relative_to(path)) if path.is_dir() else ""
-            entries.append([name, size, _content_digest(p, size)])
-        return Source(str(path), {"builder": builder, "files": entries}, tuple(files), builder)
-    if looks_like_path(source):
-        raise UserError(f"{option}: {source} does not exist")
-    return Source(source, {"source": source, "builder": "hub"}, (), "hub")
-
-
-def _open_dataset(src: Source, text_field: str, option: str, scratch: Path):
-    """A ``datasets.Dataset`` with the records of ``src`` (local files are converted under
-    ``scratch``, deleted after packing; hub datasets use the user's datasets cache)."""
-    import datasets
-
-    if src.key.get("source") == EMBEDDED:
-        from deus_dist.embedded import wikipedia_split
-
-        return datasets.Dataset.from_dict(
-            {text_field: [a["text"] for a in wikipedia_split(src.key["split"])]}
-        )
-    try:
-        if src.builder == "hub":
-            ds = datasets.load_dataset(src.label, split="train")
-        else:
-            # plain text: a paragraph (up to a blank line) is a document, followed by EOS
-            extra = {"sample_by": "paragraph"} if src.builder == "text" else {}
-            ds = datasets.load_dataset(
-                src.builder,
-                data_files=[str(f) for f in src.files],
-                split="train",
-                cache_dir=str(scratch),
-                **extra,
-            )
-    except Exception as e:  # datasets raises many types for unreadable input
-        raise UserError(f"{option}: cannot load {src.label}: {type(e).__name__}: {e}") from None
-    if text_field not in ds.column_names:
-        raise UserError(
-            f"--text_field: {src.label} has no column {text_field!r} (columns: {', '.join(ds.column_names)})"
-        )
-    return ds
 
 
 class Packer:
@@ -220,7 +103,7 @@ def pack_source(
     from tqdm import tqdm
 
     (datasets.enable_progress_bars if progress else datasets.disable_progress_bars)()
-    ds = _open_dataset(src, text_field, option, scratch).select_columns([text_field])
+    ds = open_dataset(src, text_field, option, scratch).select_columns([text_field])
     total = len(ds)
     chosen = np.zeros(total, dtype=bool)
     if held is not None and total > 1:
@@ -265,11 +148,60 @@ def pack_source(
         raise UserError(f"{option}: {src.label} has no non-empty {text_field!r} texts")
 
 
+IGNORE = -100
+"""Label of a token that is not a target (transformers' ignore index)."""
+
+
+@dataclass
+class Split:
+    """Memory-mapped training rows of one split: ``ids`` [rows, seq_len] and, for instruction data,
+    which tokens are targets and where each packed conversation starts."""
+
+    ids: np.ndarray
+    labels: np.ndarray | None = None
+    """Targets (IGNORE where not trained on); None: every token is one (continual pre-training)."""
+    positions: np.ndarray | None = None
+    """Position ids restarting at every packed conversation (no attention across them); None: one
+    document or one padded conversation per row."""
+    lengths: np.ndarray | None = None
+    """Real tokens per row of unpacked, padded rows (batches are cut to their longest row and
+    padding is masked); None: rows are full."""
+    counts: np.ndarray | None = None
+    """Targets per row (labels shifted by one, as the loss sees them)."""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def targets(self, rows) -> int:
+        """How many tokens the loss counts in ``rows``."""
+        if self.counts is None:
+            return len(rows) * (self.ids.shape[1] - 1)
+        return int(self.counts[np.asarray(rows)].sum())
+
+    def batch(self, rows) -> dict[str, torch.Tensor]:
+        """The model inputs of ``rows``: input_ids, labels, and position_ids or attention_mask."""
+        rows = np.asarray(rows)
+        width = self.ids.shape[1] if self.lengths is None else int(self.lengths[rows].max())
+
+        def take(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(a[rows][:, :width]).astype(np.int64))
+
+        ids = take(self.ids)
+        out = {"input_ids": ids, "labels": take(self.labels) if self.labels is not None else ids}
+        if self.positions is not None:
+            out["position_ids"] = take(self.positions)
+        if self.lengths is not None:
+            real = torch.from_numpy(np.asarray(self.lengths[rows]).astype(np.int64))
+            out["attention_mask"] = (torch.arange(width)[None] < real[:, None]).long()
+        return out
+
+
 @dataclass
 class PackedData:
-    train: np.ndarray
-    """[blocks, seq_len] int32, memory-mapped."""
-    eval: np.ndarray
+    """The training and held-out rows of a run, and the seeded order the training rows are read in."""
+
+    train: Split
+    eval: Split
     seed: int
     key: dict
     """The cache key: what the training stream is made of (compared on resume)."""
@@ -282,13 +214,20 @@ class PackedData:
             self._perms = {epoch: np.random.default_rng(self.seed + epoch).permutation(len(self.train))}
         return self._perms[epoch]
 
-    def blocks(self, position: int, count: int) -> torch.Tensor:
-        """``count`` training blocks starting at global position ``position`` of the ordered stream."""
+    def rows(self, position: int, count: int) -> list[int]:
+        """The training rows at global positions ``[position, position + count)`` of the ordered
+        stream (epoch e visits the rows in permutation(seed + e))."""
         rows = []
         for p in range(position, position + count):
             epoch, i = divmod(p, len(self.train))
-            rows.append(self.train[self._perm(epoch)[i]])
-        return torch.from_numpy(np.stack(rows).astype(np.int64))
+            rows.append(int(self._perm(epoch)[i]))
+        return rows
+
+    def batch(self, position: int, count: int) -> dict[str, torch.Tensor]:
+        return self.train.batch(self.rows(position, count))
+
+    def targets(self, position: int, count: int) -> int:
+        return self.train.targets(self.rows(position, count))
 
 
 def tokenizer_identity(model_dir: Path) -> str:
@@ -439,8 +378,8 @@ def open_packed(folder: Path, seed: int) -> PackedData:
     meta = json.loads((Path(folder) / "meta.json").read_text())
     seq_len = meta["seq_len"]
 
-    def mapped(name: str, blocks: int) -> np.ndarray:
-        return np.memmap(Path(folder) / name, dtype=np.int32, mode="r", shape=(blocks, seq_len))
+    def mapped(name: str, blocks: int) -> Split:
+        return Split(np.memmap(Path(folder) / name, dtype=np.int32, mode="r", shape=(blocks, seq_len)))
 
     key = {
         k: meta[k] for k in ("train", "eval", "eval_fraction", "text_field", "seq_len", "tokenizer", "format")
@@ -475,3 +414,45 @@ def prepare_data(
     )
     folder = build_packed(spec, model_dir, cache_root, num_proc=num_proc, log=log, progress=progress)
     return open_packed(folder, seed)
+
+
+KEY_OPTIONS = {
+    "train": "--data",
+    "text_field": "--text_field",
+    "eval_fraction": "--eval_data/--eval_fraction",
+    "tokenizer": "--model",
+}
+"""Which option each part of the cache key comes from (a resume that changes one is refused)."""
+
+
+class TextPipeline:
+    """cpt.py's data: documents -> tokens + EOS -> packed ``seq_len`` blocks."""
+
+    key_options = KEY_OPTIONS
+    label = "documents"
+
+    def check_sources(self, cfg) -> None:
+        source_identity(cfg.data, "--data")
+        if cfg.eval_data:
+            source_identity(cfg.eval_data, "--eval_data")
+
+    def spec(self, cfg, model_dir: Path) -> DataSpec:
+        return data_spec(
+            data=cfg.data,
+            eval_data=cfg.eval_data,
+            eval_fraction=cfg.eval_fraction,
+            text_field=cfg.text_field,
+            seq_len=cfg.seq_len,
+            model_dir=model_dir,
+        )
+
+    def build(
+        self, spec: DataSpec, model_dir: Path, root: Path, *, num_proc=None, log=print, progress=False
+    ) -> Path:
+        return build_packed(spec, model_dir, root, num_proc=num_proc, log=log, progress=progress)
+
+    def open(self, folder: Path, seed: int) -> PackedData:
+        return open_packed(folder, seed)
+
+    def export_files(self, spec: DataSpec) -> dict[str, str]:
+        return {}

@@ -12,6 +12,7 @@ import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,7 +25,7 @@ from deus_dist.errors import Problems, UserError
 from deus_dist.hf_logging import quiet_transformers
 from deus_dist.train import checkpointing
 from deus_dist.train.cluster import once_per_filesystem
-from deus_dist.train.data import DataSpec, PackedData, build_packed, data_spec, open_packed, source_identity
+from deus_dist.train.data import PackedData
 from deus_dist.train.dist import DistEnv
 from deus_dist.train.ds_config import (
     compute_dtype,
@@ -52,7 +53,10 @@ class Plan:
     run_dir: Path
     identity: str
     """Fingerprint of --model (checkpointing.model_identity), checked on resume."""
-    data: DataSpec
+    data: Any
+    """The data pipeline's spec: sources and cache key."""
+    pipeline: Any
+    """data.TextPipeline or chat_data.ChatPipeline."""
     world_size: int
     resumed: checkpointing.TrainState | None = None
     """The state of ``resume_from``, read before any rank starts."""
@@ -142,9 +146,10 @@ def with_defaults(
     return dataclasses.replace(cfg, **fill), notes, problems
 
 
-def prepare(cfg: TrainConfig, world_size: int, cuda: bool, log=print) -> Plan:
+def prepare(cfg: TrainConfig, world_size: int, cuda: bool, pipeline, log=print) -> Plan:
     """Validate every option against the inputs and the checkpoint a resume continues (one
-    UserError listing every problem). ``cfg.model`` must be a local directory by now."""
+    UserError listing every problem). ``cfg.model`` must be a local directory by now; ``pipeline``
+    turns ``--data`` into training rows (data.TextPipeline for cpt, chat_data.ChatPipeline for sft)."""
     problems = Problems()
     attempt = problems.attempt
     run_dir = Path(cfg.output_dir)
@@ -174,11 +179,11 @@ def prepare(cfg: TrainConfig, world_size: int, cuda: bool, log=print) -> Plan:
     model_dir = attempt(lambda: resolve_model_path(cfg.model))
     reader = attempt(lambda: CheckpointReader(model_dir)) if model_dir else None
     if reader is None:
-        attempt(lambda: _data_spec(cfg, None))  # report data problems too
+        attempt(lambda: pipeline.check_sources(cfg))  # report data problems too
         raise UserError(problems.items)
     with reader:
         config, names = reader.config, list(reader.tensors)
-    data = attempt(lambda: _data_spec(cfg, model_dir))
+    data = attempt(lambda: pipeline.spec(cfg, model_dir))
     arch = attempt(lambda: architecture_for(config))
     manifest = attempt(lambda: read_manifest(model_dir))
     context = config.get("max_position_embeddings")
@@ -220,7 +225,7 @@ def prepare(cfg: TrainConfig, world_size: int, cuda: bool, log=print) -> Plan:
             data=data.key,
         )
         batch = f"{cfg.micro_batch} x {cfg.grad_accum} x {world_size} rank(s) = {run.global_batch}"
-        conflicts = checkpointing.resume_conflicts(resumed, resume_from, run, batch)
+        conflicts = checkpointing.resume_conflicts(resumed, resume_from, run, batch, pipeline.key_options)
         problems.items += conflicts or checkpointing.damaged_files(resume_from, resumed.world_size)
     problems.raise_if_any()
     if resumed is not None and resumed.world_size != world_size:
@@ -241,25 +246,9 @@ def prepare(cfg: TrainConfig, world_size: int, cuda: bool, log=print) -> Plan:
         run_dir,
         identity,
         data,
+        pipeline,
         world_size,
         resumed,
-    )
-
-
-def _data_spec(cfg: TrainConfig, model_dir: Path | None) -> DataSpec | None:
-    """The run's data sources and cache key (without a model: only the sources are checked)."""
-    if model_dir is None:
-        source_identity(cfg.data, "--data")
-        if cfg.eval_data:
-            source_identity(cfg.eval_data, "--eval_data")
-        return None
-    return data_spec(
-        data=cfg.data,
-        eval_data=cfg.eval_data,
-        eval_fraction=cfg.eval_fraction,
-        text_field=cfg.text_field,
-        seq_len=cfg.seq_len,
-        model_dir=model_dir,
     )
 
 
@@ -268,21 +257,17 @@ def cache_root(plan: Plan) -> Path:
 
 
 def load_data(plan: Plan, env: DistEnv, log=print) -> PackedData:
-    """The packed data, built once per filesystem that holds the cache (rank 0, or each node's
+    """The training rows, built once per filesystem that holds the cache (rank 0, or each node's
     first rank on node-local scratch) while the other ranks wait outside any collective."""
     root = cache_root(plan)
     cfg = plan.cfg
 
     def build() -> PackedData:
-        folder = build_packed(
-            plan.data,
-            plan.model_dir,
-            root,
-            num_proc=cfg.num_proc,
-            log=log,
-            progress=not cfg.quiet and env.is_main,
+        progress = not cfg.quiet and env.is_main
+        folder = plan.pipeline.build(
+            plan.data, plan.model_dir, root, num_proc=cfg.num_proc, log=log, progress=progress
         )
-        return open_packed(folder, cfg.seed)
+        return plan.pipeline.open(folder, cfg.seed)
 
     return once_per_filesystem(root, env, "data", build)
 
@@ -293,7 +278,7 @@ def total_steps(cfg: TrainConfig, data: PackedData, world_size: int) -> int:
         return cfg.max_steps
     if cfg.max_tokens:
         return max(1, math.ceil(cfg.max_tokens / (global_batch * cfg.seq_len)))
-    return max(1, len(data.train) // global_batch)
+    return max(1, int(len(data.train) * cfg.num_epochs) // global_batch)
 
 
 def param_groups(model, trainable: set[str], weight_decay: float) -> list[dict]:
@@ -309,6 +294,21 @@ def param_groups(model, trainable: set[str], weight_decay: float) -> list[dict]:
     return groups
 
 
+def attention_implementation(ds: dict) -> str:
+    """FlashAttention 2 on GPUs where it is installed and the compute dtype allows it (its varlen
+    kernels run packed conversations without a mask), else PyTorch's SDPA (packed conversations get
+    a block-diagonal causal mask from transformers)."""
+    import importlib.util
+
+    if (
+        torch.cuda.is_available()
+        and compute_dtype(ds) != torch.float32
+        and importlib.util.find_spec("flash_attn")
+    ):
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def load_model(source, ds: dict, activation_checkpointing: bool):
     """(model, hf_ds_config): ``source`` is a checkpoint directory, or a transformers config (random
     weights, for benchmarks). Under ZeRO-3 the weights are partitioned as they load."""
@@ -317,11 +317,12 @@ def load_model(source, ds: dict, activation_checkpointing: bool):
 
     # Must stay alive through from_pretrained: it makes transformers load into ZeRO-3 partitions.
     hf_ds = HfDeepSpeedConfig(ds) if ds.get("zero_optimization", {}).get("stage") == 3 else None
+    kw = {"dtype": compute_dtype(ds), "attn_implementation": attention_implementation(ds)}
     with quiet_transformers(True):
         if isinstance(source, (str, Path)):
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype(ds))
+            model = AutoModelForCausalLM.from_pretrained(source, **kw)
         else:
-            model = AutoModelForCausalLM.from_config(source, dtype=compute_dtype(ds))
+            model = AutoModelForCausalLM.from_config(source, **kw)
     model.config.use_cache = False
     if activation_checkpointing:
         # Non-reentrant: with frozen lower layers the reentrant variant silently yields no gradient.

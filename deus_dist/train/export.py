@@ -58,9 +58,11 @@ def export_checkpoint(
     base: str | Path | None = None,
     force: bool = False,
     shard_size: str = "5GB",
+    extra_files: dict[str, str] | None = None,
     log=print,
 ) -> Path:
-    """Write ``out`` from a training checkpoint and the checkpoint it started from."""
+    """Write ``out`` from a training checkpoint and the checkpoint it started from; ``extra_files``
+    (name -> text) are written beside the weights (sft: the chat template trained with)."""
     found = find_checkpoint(str(checkpoint), Path(checkpoint), "CHECKPOINT_DIR")
     state = read_state(found, "CHECKPOINT_DIR")
     base_dir = Path(base) if base else Path(state.model["path"])
@@ -102,5 +104,7 @@ def export_checkpoint(
                 manifest["training"] = list(manifest.get("training", [])) + [run]
                 (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
             (tmp / "training_run.json").write_text(json.dumps(run, indent=2) + "\n")
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
     log(f"exported {out}")
     return Path(out)

