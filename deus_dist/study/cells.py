@@ -1,0 +1,310 @@
+"""Cells: one arm trained and evaluated with one seed, by the project's own entry points.
+
+Every step of a cell is a command a user would type (``tools/fuse_layers.py``, ``launchers/cpt.py``
+under DeepSpeed's launcher, ``launchers/sft.py``, ``tools/eval_ppl.py``, ``tools/eval_tasks.py``)
+and writes its own output atomically, so a rerun skips what is done and continues what was cut
+off (cpt's ``--resume auto``). A cell's folder is named by a hash of its resolved settings:
+changing any setting makes a new cell, never mixes results. The first stage's fused checkpoint is
+shared by the seeds (it does not depend on the seed); later stages grow each cell's own export.
+
+Layout under STUDY_DIR::
+
+    plan.json                    every arm's steps, tokens and FLOPs, and each cell's commands
+    fused/<arm>-<hash>/          the first stage's up-scaled model (+ fuse.json: its wall time,
+                                 ppl0-<set>.json: its perplexity before any training)
+    calibration/<arm>-<hash>/    seconds budget: one short timed run per stage
+    data_cache/                  the packed data, shared by every cell
+    cells/<arm>-s<seed>-<hash>/  settings.json, stage-K/{fused,run}, sft/, eval/
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deus_dist.study.budget import ArmPlan, StagePlan
+from deus_dist.study.spec import EMBEDDED_SET, Study
+
+REPO = Path(__file__).resolve().parents[2]
+VERSION = 1
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def flags(options: dict) -> list[str]:
+    """Options as a tool's command-line flags (booleans as --x / --no_x, lists comma-joined)."""
+    out = []
+    for key, value in options.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            out.append(f"--{key}" if value else f"--no_{key}")
+        elif isinstance(value, (list, tuple)):
+            out += [f"--{key}", ",".join(map(str, value))]
+        else:
+            out += [f"--{key}", str(value)]
+    return out
+
+
+def set_name(ppl_set: str) -> str:
+    return "embedded" if ppl_set == EMBEDDED_SET else slug(Path(ppl_set).name)
+
+
+@dataclass
+class Env:
+    """Where and how commands run."""
+
+    out: Path
+    base: Path
+    ranks: int
+    cuda: bool
+
+    @property
+    def ds_config(self) -> Path:
+        return REPO / "ds_configs" / ("zero3.json" if self.cuda else "zero3_cpu.json")
+
+    def environ(self) -> dict:
+        env = dict(os.environ)
+        if not self.cuda:
+            env["DS_ACCELERATOR"] = "cpu"
+        for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
+            env.pop(var, None)
+        return env
+
+
+@dataclass
+class Step:
+    """One command of a cell, with the output that says it is done."""
+
+    kind: str
+    cmd: list[str]
+    done: Path
+    deepspeed: bool = False
+
+    def shell(self) -> str:
+        return " ".join(shlex.quote(c) for c in self.cmd)
+
+
+@dataclass
+class Cell:
+    arm: str
+    seed: int
+    key: str
+    dir: Path
+    settings: dict
+    steps: list[Step] = field(default_factory=list)
+    stage_runs: list[Path] = field(default_factory=list)
+    final: Path | None = None
+    evals: dict = field(default_factory=dict)
+    """ppl set -> eval json; "tasks" -> the eval_tasks output folder."""
+
+    @property
+    def done(self) -> bool:
+        return all(step.done.exists() for step in self.steps)
+
+
+def fused_dir(study: Study, env: Env, arm: ArmPlan) -> Path:
+    return env.out / "fused" / f"{slug(arm.name)}-{digest([str(env.base), arm.stages[0].fuse, VERSION])}"
+
+
+def fuse_step(source: Path, out: Path, options: dict) -> Step:
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "fuse_layers.py"),
+        "--model",
+        str(source),
+        "--out",
+        str(out),
+        *flags(options),
+        "--quiet",
+    ]
+    return Step("fuse", cmd, out / "deus_manifest.json")
+
+
+def train_step(env: Env, model: Path, run: Path, options: dict, seed: int, steps: int, script: str) -> Step:
+    opts = {k: v for k, v in options.items() if k != "max_steps"}
+    args = [
+        "--ds_config",
+        str(env.ds_config),
+        "--model",
+        str(model),
+        "--output_dir",
+        str(run),
+        "--seed",
+        str(seed),
+    ]
+    args += ["--max_steps", str(steps), "--data_cache", str(env.out / "data_cache"), *flags(opts), "--quiet"]
+    launcher = [sys.executable]  # one rank: a plain python process
+    if env.ranks > 1:
+        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(env.ranks)]
+    kind = "train" if script == "cpt.py" else "sft"
+    cmd = [*launcher, str(REPO / "launchers" / script), *args]
+    return Step(kind, cmd, run / "final" / "deus_manifest.json", deepspeed=env.ranks > 1)
+
+
+def ppl_step(study: Study, model: Path, ppl_set: str, out: Path) -> Step:
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "eval_ppl.py"),
+        "--model",
+        str(model),
+        "--output_json",
+        str(out),
+        "--seq_len",
+        str(study.ppl_seq_len),
+        "--max_tokens",
+        str(study.ppl_tokens),
+        "--quiet",
+    ]
+    if ppl_set != EMBEDDED_SET:
+        cmd += ["--data", str(Path(ppl_set).expanduser().resolve())]
+    return Step("ppl", cmd, out)
+
+
+def tasks_step(study: Study, model: Path, out: Path) -> Step:
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "eval_tasks.py"),
+        "--model",
+        str(model),
+        "--tasks",
+        ",".join(study.eval_tasks),
+        "--output_path",
+        str(out),
+        "--quiet",
+    ]
+    if study.task_limit:
+        cmd += ["--limit", str(study.task_limit)]
+    return Step("tasks", cmd, out / "done.json")
+
+
+def shared_steps(study: Study, env: Env, arm: ArmPlan) -> list[Step]:
+    """The first stage's fuse and its perplexity before training (shared by the arm's seeds)."""
+    fused = fused_dir(study, env, arm)
+    steps = [fuse_step(env.base, fused, arm.stages[0].fuse)]
+    steps += [ppl_step(study, fused, s, fused / f"ppl0-{set_name(s)}.json") for s in study.eval_ppl]
+    return steps
+
+
+def make_cell(study: Study, env: Env, arm: ArmPlan, seed: int) -> Cell:
+    settings = {
+        "version": VERSION,
+        "base": str(env.base),
+        "arm": arm.name,
+        "seed": seed,
+        "ranks": env.ranks,
+        "stages": [{"fuse": s.fuse, "train": s.train, "steps": s.steps} for s in arm.stages],
+        "sft": study.sft,
+        "eval": {
+            "ppl": study.eval_ppl,
+            "tasks": study.eval_tasks,
+            "task_limit": study.task_limit,
+            "ppl_tokens": study.ppl_tokens,
+            "ppl_seq_len": study.ppl_seq_len,
+        },
+    }
+    key = digest(settings)
+    cell = Cell(arm.name, seed, key, env.out / "cells" / f"{slug(arm.name)}-s{seed}-{key}", settings)
+    model = fused_dir(study, env, arm)
+    for stage in arm.stages:
+        here = cell.dir / f"stage-{stage.index}"
+        if stage.index > 1:
+            cell.steps.append(fuse_step(model, here / "fused", stage.fuse))
+            model = here / "fused"
+        run = here / "run"
+        cell.steps.append(train_step(env, model, run, stage.train, seed, stage.steps, "cpt.py"))
+        cell.stage_runs.append(run)
+        model = run / "final"
+    if study.sft:
+        run = cell.dir / "sft"
+        sft_steps = int(study.sft.get("max_steps") or 0)
+        cell.steps.append(train_step(env, model, run, study.sft, seed, sft_steps, "sft.py"))
+        model = run / "final"
+    cell.final = model
+    for s in study.eval_ppl:
+        out = cell.dir / "eval" / f"ppl-{set_name(s)}.json"
+        cell.steps.append(ppl_step(study, model, s, out))
+        cell.evals[s] = out
+    if study.eval_tasks:
+        out = cell.dir / "eval" / "tasks"
+        cell.steps.append(tasks_step(study, model, out))
+        cell.evals["tasks"] = out
+    return cell
+
+
+def run_step(step: Step, env: Env, log=print) -> None:
+    """Run one command unless its output exists; ``UserError`` if it fails (its log is kept)."""
+    from deus_dist.errors import UserError
+    from deus_dist.train.dist import free_port
+
+    if step.done.exists():
+        return
+    cmd = list(step.cmd)
+    if step.deepspeed:  # a free rendezvous port for each launch, after "--num_gpus N"
+        cmd[5:5] = ["--master_port", str(free_port())]
+    # the fuse output appears only when complete (fuse_layers.py refuses an existing one): its log goes beside it
+    where = step.done.parent
+    logfile = where.parent / f"{where.name}.fuse.log" if step.kind == "fuse" else where / f"{step.kind}.log"
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    log(f"  {step.kind}: {step.shell()}")
+    start = time.perf_counter()
+    with open(logfile, "a") as f:
+        proc = subprocess.run(cmd, env=env.environ(), stdout=f, stderr=subprocess.STDOUT, cwd=env.out)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise UserError(f"study: {step.kind} failed (exit status {proc.returncode}); see {logfile}")
+    if step.kind == "fuse":
+        (step.done.parent / "fuse.json").write_text(json.dumps({"seconds": round(seconds, 2)}) + "\n")
+    if step.kind == "tasks":
+        results = sorted(step.done.parent.rglob("results_*.json"))
+        step.done.write_text(json.dumps({"results": str(results[-1]) if results else None}) + "\n")
+
+
+CALIBRATION_STEPS = 6
+"""A seconds budget times this many steps of each stage, and takes the median of the last four."""
+
+
+def calibration_steps(study: Study, env: Env, arm: ArmPlan) -> list[tuple[StagePlan, list[Step]]]:
+    """Per stage, the commands of its timed run: later stages grow the untrained earlier ones (the
+    shapes set the time, not the weights)."""
+    root = (
+        env.out
+        / "calibration"
+        / f"{slug(arm.name)}-{digest([str(env.base), [s.fuse for s in arm.stages], VERSION])}"
+    )
+    out, model = [], fused_dir(study, env, arm)
+    for stage in arm.stages:
+        steps = []
+        if stage.index > 1:
+            steps.append(fuse_step(model, root / f"stage-{stage.index}" / "fused", stage.fuse))
+            model = root / f"stage-{stage.index}" / "fused"
+        run = root / f"stage-{stage.index}" / "run"
+        timed = train_step(
+            env, model, run, {**stage.train, "eval_batches": 1}, 0, CALIBRATION_STEPS, "cpt.py"
+        )
+        timed.cmd.append("--no_export")
+        timed.done = run / "metrics.jsonl"
+        steps.append(timed)
+        out.append((stage, steps))
+    return out
+
+
+def measured_seconds(metrics: Path) -> float:
+    """Median seconds per step of a calibration run, the first two steps (warm-up) left out."""
+    import statistics
+
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return statistics.median(r["step_seconds"] for r in records[2:] or records)
