@@ -31,6 +31,7 @@ setup(
         "protobuf>=4",
         # tools/eval_tasks.py: lm-eval's task definitions and scoring (pinned: scores must not move)
         "lm-eval==0.4.13",
+        "matplotlib>=3.7",  # tools/study.py's plots
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6"],
