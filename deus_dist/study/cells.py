@@ -87,15 +87,30 @@ class Env:
 
 @dataclass
 class Step:
-    """One command of a cell, with the output that says it is done."""
+    """One command of a cell: a project script, its options, and the output that says it is done."""
 
     kind: str
-    cmd: list[str]
+    script: Path
+    args: list[str]
     done: Path
-    deepspeed: bool = False
+    ranks: int = 1
+    """More than one: the script runs under DeepSpeed's launcher with this many processes."""
+
+    def command(self, master_port: int | None = None) -> list[str]:
+        launcher = [sys.executable]
+        if self.ranks > 1:
+            launcher += ["-m", "deepspeed.launcher.runner", "--num_gpus", str(self.ranks)]
+            if master_port is not None:
+                launcher += ["--master_port", str(master_port)]
+        return [*launcher, str(self.script), *self.args]
 
     def shell(self) -> str:
-        return " ".join(shlex.quote(c) for c in self.cmd)
+        return " ".join(shlex.quote(c) for c in self.command())
+
+
+def tool_step(kind: str, script: Path, options: dict, done: Path, ranks: int = 1) -> Step:
+    """``script`` with ``options`` as its flags, quiet (a cell's progress is the study's)."""
+    return Step(kind, script, [*flags(options), "--quiet"], done, ranks)
 
 
 @dataclass
@@ -121,74 +136,42 @@ def fused_dir(study: Study, env: Env, arm: ArmPlan) -> Path:
 
 
 def fuse_step(source: Path, out: Path, options: dict) -> Step:
-    cmd = [
-        sys.executable,
-        str(REPO / "tools" / "fuse_layers.py"),
-        "--model",
-        str(source),
-        "--out",
-        str(out),
-        *flags(options),
-        "--quiet",
-    ]
-    return Step("fuse", cmd, out / "deus_manifest.json")
+    return tool_step(
+        "fuse",
+        REPO / "tools" / "fuse_layers.py",
+        {"model": source, "out": out, **options},
+        out / "deus_manifest.json",
+    )
 
 
 def train_step(env: Env, model: Path, run: Path, options: dict, seed: int, steps: int, script: str) -> Step:
-    opts = {k: v for k, v in options.items() if k != "max_steps"}
-    args = [
-        "--ds_config",
-        str(env.ds_config),
-        "--model",
-        str(model),
-        "--output_dir",
-        str(run),
-        "--seed",
-        str(seed),
-    ]
-    args += ["--max_steps", str(steps), "--data_cache", str(env.out / "data_cache"), *flags(opts), "--quiet"]
-    launcher = [sys.executable]  # one rank: a plain python process
-    if env.ranks > 1:
-        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(env.ranks)]
+    opts = {
+        "ds_config": env.ds_config,
+        "model": model,
+        "output_dir": run,
+        "seed": seed,
+        "max_steps": steps,
+        "data_cache": env.out / "data_cache",
+        **{k: v for k, v in options.items() if k != "max_steps"},
+    }
     kind = "train" if script == "cpt.py" else "sft"
-    cmd = [*launcher, str(REPO / "launchers" / script), *args]
-    return Step(kind, cmd, run / "final" / "deus_manifest.json", deepspeed=env.ranks > 1)
+    return tool_step(kind, REPO / "launchers" / script, opts, run / "final" / "deus_manifest.json", env.ranks)
 
 
 def ppl_step(study: Study, model: Path, ppl_set: str, out: Path) -> Step:
-    cmd = [
-        sys.executable,
-        str(REPO / "tools" / "eval_ppl.py"),
-        "--model",
-        str(model),
-        "--output_json",
-        str(out),
-        "--seq_len",
-        str(study.ppl_seq_len),
-        "--max_tokens",
-        str(study.ppl_tokens),
-        "--quiet",
-    ]
-    if ppl_set != EMBEDDED_SET:
-        cmd += ["--data", str(Path(ppl_set).expanduser().resolve())]
-    return Step("ppl", cmd, out)
+    opts = {
+        "model": model,
+        "output_json": out,
+        "seq_len": study.ppl_seq_len,
+        "max_tokens": study.ppl_tokens,
+        "data": None if ppl_set == EMBEDDED_SET else Path(ppl_set).expanduser().resolve(),
+    }
+    return tool_step("ppl", REPO / "tools" / "eval_ppl.py", opts, out)
 
 
 def tasks_step(study: Study, model: Path, out: Path) -> Step:
-    cmd = [
-        sys.executable,
-        str(REPO / "tools" / "eval_tasks.py"),
-        "--model",
-        str(model),
-        "--tasks",
-        ",".join(study.eval_tasks),
-        "--output_path",
-        str(out),
-        "--quiet",
-    ]
-    if study.task_limit:
-        cmd += ["--limit", str(study.task_limit)]
-    return Step("tasks", cmd, out / "done.json")
+    opts = {"model": model, "tasks": study.eval_tasks, "output_path": out, "limit": study.task_limit or None}
+    return tool_step("tasks", REPO / "tools" / "eval_tasks.py", opts, out / "done.json")
 
 
 def shared_steps(study: Study, env: Env, arm: ArmPlan) -> list[Step]:
@@ -252,9 +235,7 @@ def run_step(step: Step, env: Env, log=print) -> None:
 
     if step.done.exists():
         return
-    cmd = list(step.cmd)
-    if step.deepspeed:  # a free rendezvous port for each launch, after "--num_gpus N"
-        cmd[5:5] = ["--master_port", str(free_port())]
+    cmd = step.command(master_port=free_port() if step.ranks > 1 else None)  # a free port per launch
     # the fuse output appears only when complete (fuse_layers.py refuses an existing one): its log goes beside it
     where = step.done.parent
     logfile = where.parent / f"{where.name}.fuse.log" if step.kind == "fuse" else where / f"{step.kind}.log"
@@ -295,7 +276,7 @@ def calibration_steps(study: Study, env: Env, arm: ArmPlan) -> list[tuple[StageP
         timed = train_step(
             env, model, run, {**stage.train, "eval_batches": 1}, 0, CALIBRATION_STEPS, "cpt.py"
         )
-        timed.cmd.append("--no_export")
+        timed.args.append("--no_export")
         timed.done = run / "metrics.jsonl"
         steps.append(timed)
         out.append((stage, steps))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -230,7 +229,7 @@ def submit_slurm(
         fuse_job = (
             None
             if shared[0].done.exists()
-            else submit([str(C.REPO / "launchers" / "slurm" / "fuse.sbatch"), *shared[0].cmd[2:]], [])
+            else submit([str(C.REPO / "launchers" / "slurm" / "fuse.sbatch"), *shared[0].args], [])
         )
         ppl0 = [s for s in shared[1:] if not s.done.exists()]
         if ppl0:
@@ -246,13 +245,10 @@ def submit_slurm(
                 if step.done.exists():
                     continue
                 if step.kind == "fuse":
-                    after = [
-                        submit([str(C.REPO / "launchers" / "slurm" / "fuse.sbatch"), *step.cmd[2:]], after)
-                    ]
+                    after = [submit([str(C.REPO / "launchers" / "slurm" / "fuse.sbatch"), *step.args], after)]
                 elif step.kind in ("train", "sft"):
                     launcher = ["--export=ALL,LAUNCHER=launchers/sft.py"] if step.kind == "sft" else []
-                    entry = str(C.REPO / "launchers" / ("cpt.py" if step.kind == "train" else "sft.py"))
-                    args = step.cmd[step.cmd.index(entry) + 1 :]
+                    args = step.args
                     i = args.index("--ds_config")  # the job's own: cpt.sbatch passes $DS_CONFIG (zero3.json)
                     args = args[:i] + args[i + 2 :]
                     after = [
@@ -269,15 +265,8 @@ def submit_slurm(
     config = cfg.config or str(DEFAULT_STUDY)
     report = C.Step(
         "report",
-        [
-            sys.executable,
-            str(C.REPO / "tools" / "study.py"),
-            "--config",
-            str(Path(config).absolute()),
-            "--out",
-            str(env.out),
-            "--report_only",
-        ],
+        C.REPO / "tools" / "study.py",
+        ["--config", str(Path(config).absolute()), "--out", str(env.out), "--report_only"],
         env.out / "report.md",
     )
     job = submit([str(script("report.sbatch", [report]))], [j for j in last_jobs if j])
