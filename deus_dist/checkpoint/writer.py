@@ -190,6 +190,19 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling, flushed to disk and renamed: a reader
+    (or a rerun that takes the file as a sign of finished work) sees the old file or the whole new
+    one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
 def fsync_tree(root: Path, select=None) -> None:
     """Flush every file under ``root`` (those ``select(path)`` accepts) and the directories to disk,
     so a rename that publishes ``root`` never points at data still in the page cache: after a

@@ -100,7 +100,9 @@ def run(cfg: EvalConfig) -> dict:
     print(f"nll/token   {result.nll:.4f}")
     print(f"perplexity  {result.perplexity:.3f}")
     if cfg.output_json:
-        Path(cfg.output_json).write_text(json.dumps(report, indent=2) + "\n")
+        from deus_dist.checkpoint.writer import write_text_atomic
+
+        write_text_atomic(Path(cfg.output_json), json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deus_dist.checkpoint.writer import write_text_atomic
 from deus_dist.study.budget import ArmPlan, StagePlan
 from deus_dist.study.spec import EMBEDDED_SET, Study
 
@@ -248,10 +249,10 @@ def run_step(step: Step, env: Env, log=print) -> None:
     if proc.returncode != 0:
         raise UserError(f"study: {step.kind} failed (exit status {proc.returncode}); see {logfile}")
     if step.kind == "fuse":
-        (step.done.parent / "fuse.json").write_text(json.dumps({"seconds": round(seconds, 2)}) + "\n")
+        write_text_atomic(step.done.parent / "fuse.json", json.dumps({"seconds": round(seconds, 2)}) + "\n")
     if step.kind == "tasks":
         results = sorted(step.done.parent.rglob("results_*.json"))
-        step.done.write_text(json.dumps({"results": str(results[-1]) if results else None}) + "\n")
+        write_text_atomic(step.done, json.dumps({"results": str(results[-1]) if results else None}) + "\n")
 
 
 CALIBRATION_STEPS = 6

@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import pickle
 import random
 import re
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deus_dist.checkpoint.writer import build_once, fsync_tree
+from deus_dist.checkpoint.writer import build_once, fsync_tree, write_text_atomic
 from deus_dist.errors import CheckpointError, UserError
 from deus_dist.train.dist import DistEnv, barrier
 
@@ -315,21 +314,12 @@ def save(engine, env: DistEnv, state: TrainState, root: Path, keep: int) -> Path
         if final.exists():
             shutil.rmtree(final)
         (root / partial).rename(final)
-        _write_durably(root / "latest", tag)
+        write_text_atomic(root / "latest", tag)
         if keep > 0:
             for old in complete_checkpoints(root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
-
-
-def _write_durably(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def _unshare_step_counts(zero_optimizer) -> None:
