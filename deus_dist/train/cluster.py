@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import torch
 
+from deus_dist.checkpoint.writer import write_text_atomic
 from deus_dist.errors import UserError
 from deus_dist.train.dist import DistEnv, barrier
 
@@ -129,7 +130,10 @@ def _first_then_others(
             result = first()
         except BaseException as e:
             problems = e.problems if isinstance(e, UserError) else [f"rank {builder} failed: {e!r}"]
-            failed.write_text(json.dumps({"problems": problems, "user_error": isinstance(e, UserError)}))
+            # renamed into place whole: a waiting rank that sees the marker can read all of it
+            write_text_atomic(
+                failed, json.dumps({"problems": problems, "user_error": isinstance(e, UserError)})
+            )
             if isinstance(e, UserError):
                 e.rank = builder  # this rank reports it; the waiting ones stay quiet
             raise
