@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from deus_dist.errors import UserError  # noqa: E402
@@ -61,3 +63,6 @@ try:
 except UserError as e:
     report["local_shared"] = str(e)
 (root / f"rank-{env.rank}.json").write_text(json.dumps(report))
+# close the group as the launchers do: with a 2 s timeout, a rank that leaves it open can abort at exit
+# (gloo: "terminate called without an active exception") while the others are already gone
+torch.distributed.destroy_process_group()
