@@ -146,6 +146,36 @@ def test_equal_budgets(tiny, tmp_path, capsys):
     assert plans["top"].steps == plans["llama-pro"].steps == 4
 
 
+def test_parameter_counts_follow_what_each_arm_trains(tiny, tmp_path):
+    """The report's parameter columns: the checkpoint's own counts (the architecture's layer names,
+    not a fixed prefix), and the trained count follows each arm's trainable set."""
+    from transformers import AutoModelForCausalLM
+
+    from deus_dist.configs import StudyConfig
+    from deus_dist.study.budget import base_shape, trained_params
+    from deus_dist.study.run import prepare
+
+    base = tiny[1]
+    model = AutoModelForCausalLM.from_pretrained(base)
+    shape = base_shape(base)
+    assert shape.total_params == sum(p.numel() for p in model.parameters())
+    assert shape.layer_params[0] == sum(p.numel() for p in model.model.layers[0].parameters())
+    # --train_embeddings trains the input embeddings and the (here untied) output head
+    embeddings = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
+    assert shape.embed_params == embeddings
+    arms = [
+        {"name": "llama-pro", "method": "llama-pro", "num_new": 2},
+        {"name": "all", "method": "llama-pro", "num_new": 2, "train": {"trainable": "all"}},
+        {"name": "emb", "method": "llama-pro", "num_new": 2, "train": {"train_embeddings": True}},
+    ]
+    cfg = StudyConfig(config=str(study_file(tiny, arms)), ranks=1, out=str(tmp_path / "s"))
+    _, _, plans = prepare(cfg)
+    new_blocks = 2 * shape.layer_params[0]
+    assert trained_params(plans["llama-pro"], shape) == new_blocks
+    assert trained_params(plans["all"], shape) == shape.total_params
+    assert trained_params(plans["emb"], shape) == new_blocks + shape.embed_params
+
+
 def test_statistics():
     mean, lo, hi = t_interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and lo == pytest.approx(2 - 4.302653 * 1 / np.sqrt(3), rel=1e-5)

@@ -16,6 +16,7 @@ proportions of their nominal lengths.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,8 @@ class Shape:
     head_params: int
     hidden: int
     embed_params: int
+    total_params: int
+    """Every tensor of the checkpoint (tied weights once)."""
 
 
 @dataclass
@@ -90,8 +93,8 @@ class ArmPlan:
 
 
 def base_shape(base_dir: Path) -> Shape:
-    """Parameter counts from the base checkpoint's tensor shapes (no weights read): every decoder
-    layer has layer 0's shapes (new blocks are made from layers of the same shapes)."""
+    """Parameter counts from a checkpoint's tensor shapes (no weights read): every decoder layer
+    has layer 0's shapes (new blocks are made from layers of the same shapes)."""
     from deus_dist.architectures import architecture_for
     from deus_dist.checkpoint import CheckpointReader
 
@@ -99,19 +102,27 @@ def base_shape(base_dir: Path) -> Shape:
         cfg, tensors = reader.config, reader.tensors
         arch = architecture_for(cfg)
         layer = sum(
-            _numel(info.shape) for n, info in tensors.items() if (s := arch.split_name(n)) and s[0] == 0
+            math.prod(info.shape) for n, info in tensors.items() if (s := arch.split_name(n)) and s[0] == 0
         )
-        embed = sum(_numel(tensors[n].shape) for n in arch.embeddings if n in tensors)
+        embed = sum(math.prod(tensors[n].shape) for n in arch.embeddings if n in tensors)
+        total = sum(math.prod(info.shape) for info in tensors.values())
     return Shape(
-        [layer] * cfg["num_hidden_layers"], cfg["vocab_size"] * cfg["hidden_size"], cfg["hidden_size"], embed
+        [layer] * cfg["num_hidden_layers"],
+        cfg["vocab_size"] * cfg["hidden_size"],
+        cfg["hidden_size"],
+        embed,
+        total,
     )
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+def trained_params(plan: ArmPlan, final: Shape) -> int:
+    """Parameters an arm trains over its stages (``final``: the shape after the last stage): the
+    new blocks of every stage (and the embeddings with train_embeddings), or all of them."""
+    if any(s.train.get("trainable", "new") == "all" for s in plan.stages):
+        return final.total_params
+    blocks = sum(len(s.new_layers) for s in plan.stages) * final.layer_params[0]
+    embeddings = any(s.train.get("train_embeddings") for s in plan.stages)
+    return blocks + (final.embed_params if embeddings else 0)
 
 
 def plan_arm(study: Study, arm: Arm, shape: Shape, ranks: int, cuda: bool) -> ArmPlan:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deus_dist.study.budget import ArmPlan
+from deus_dist.study.budget import ArmPlan, base_shape, trained_params
 from deus_dist.study.cells import Cell, fused_dir, set_name
 from deus_dist.study.stats import paired_bootstrap, t_interval, verdict
 
@@ -44,15 +44,8 @@ def _curve(cell: Cell) -> list[dict]:
 
 
 def _params(model: Path, plan: ArmPlan) -> dict:
-    from deus_dist.checkpoint import CheckpointReader
-
-    with CheckpointReader(model) as reader:
-        total = sum(math.prod(i.shape) for i in reader.tensors.values())
-        per_layer = sum(
-            math.prod(i.shape) for n, i in reader.tensors.items() if n.startswith("model.layers.0.")
-        )
-    trained = sum(len(s.new_layers) for s in plan.stages) * per_layer
-    return {"total": total, "trainable": trained}
+    shape = base_shape(model)
+    return {"total": shape.total_params, "trainable": trained_params(plan, shape)}
 
 
 def _tasks(folder: Path) -> dict:
