@@ -131,6 +131,11 @@ class Cell:
     def done(self) -> bool:
         return all(step.done.exists() for step in self.steps)
 
+    def write_settings(self) -> None:
+        """The cell's folder, with the settings its name is the hash of (before its first step)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "settings.json").write_text(json.dumps(self.settings, indent=1, default=str) + "\n")
+
 
 def fused_dir(study: Study, env: Env, arm: ArmPlan) -> Path:
     return env.out / "fused" / f"{slug(arm.name)}-{digest([str(env.base), arm.stages[0].fuse, VERSION])}"

@@ -31,7 +31,7 @@ def _base_dir(study: Study, problems: Problems) -> Path | None:
 
 
 def prepare(cfg, log=print):
-    """(study, env, plans, cells): everything checked before any cell starts, every problem at once."""
+    """(study, env, plans): everything checked before any cell starts, every problem at once."""
     import torch
 
     problems = Problems()
@@ -84,12 +84,12 @@ def quick(study: Study) -> Study:
     return dataclasses.replace(study, arms=arms, seeds=study.seeds[:1])
 
 
-def cells_of(study: Study, env: C.Env, plans: dict[str, ArmPlan], cfg) -> list[C.Cell]:
-    seeds = study.seeds
+def cells_of(study: Study, env: C.Env, plans: dict[str, ArmPlan]) -> list[C.Cell]:
+    """Every arm x seed (none before a seconds budget's calibration has set the steps)."""
     return [
         C.make_cell(study, env, plan, seed)
         for plan in plans.values()
-        for seed in seeds
+        for seed in study.seeds
         if plan.stages[0].steps > 0
     ]
 
@@ -179,8 +179,7 @@ def run_local(
             if cell.done:
                 log(f"  seed {cell.seed}: done ({cell.dir.name})")
                 continue
-            cell.dir.mkdir(parents=True, exist_ok=True)
-            (cell.dir / "settings.json").write_text(json.dumps(cell.settings, indent=1, default=str) + "\n")
+            cell.write_settings()
             t0 = time.perf_counter()
             log(f"  seed {cell.seed}: {cell.dir.name}")
             for step in cell.steps:
@@ -237,8 +236,7 @@ def submit_slurm(
                 submit([str(script(f"ppl0-{C.slug(name)}.sbatch", ppl0))], [fuse_job] if fuse_job else [])
             )
         for cell in (c for c in cells if c.arm == name and not c.done):
-            cell.dir.mkdir(parents=True, exist_ok=True)
-            (cell.dir / "settings.json").write_text(json.dumps(cell.settings, indent=1, default=str) + "\n")
+            cell.write_settings()
             after = [fuse_job] if fuse_job else []
             evals = []
             for step in cell.steps:
@@ -288,7 +286,7 @@ def run(cfg, log=print) -> dict | None:
             problems = assign_steps(list(plans.values()), study.baseline, study.budget)
             if problems:
                 raise UserError(problems)
-    cells = cells_of(study, env, plans, cfg)
+    cells = cells_of(study, env, plans)
     path = write_plan(study, env, plans, cells)
     log(summary(study, plans))
     log(f"plan: {path}")

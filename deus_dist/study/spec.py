@@ -92,8 +92,9 @@ def _fields(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def _options(values, cls, owned, where: str, problems: Problems) -> dict:
-    """``values`` checked as options of ``cls`` (types converted), naming ``where`` for problems."""
+def _options(values, cls, owned, where: str, problems: Problems, hint: str = "") -> dict:
+    """``values`` checked as options of ``cls`` (types converted), naming ``where`` for problems
+    (``hint`` follows the message for an unknown option)."""
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -105,7 +106,7 @@ def _options(values, cls, owned, where: str, problems: Problems) -> dict:
         if key in owned:
             problems.append(f"{where}: {key!r} is set by the study for every cell; remove it")
         elif key not in hints:
-            problems.append(f"{where}: unknown option {key!r}")
+            problems.append(f"{where}: unknown option {key!r}{hint}")
         else:
             out[key] = problems.attempt(lambda k=key, v=value: _convert(v, hints[k], f"{where}: {k}"))
     return out
@@ -163,7 +164,6 @@ def parse_study(data: dict, source: str = "--config") -> Study:
     if not isinstance(raw_arms, list) or not raw_arms:
         problems.append(f"{source}: arms must be a non-empty list")
         raw_arms = []
-    fuse_hints = _fields(FuseConfig)
     for i, raw in enumerate(raw_arms):
         if not isinstance(raw, dict) or "name" not in raw:
             problems.append(f"{source}: arms[{i}] needs a name")
@@ -189,21 +189,14 @@ def parse_study(data: dict, source: str = "--config") -> Study:
             if not isinstance(spec, dict):
                 problems.append(f"{swhere}: expected a mapping of fuse_layers.py options")
                 continue
-            fuse = {}
-            for key, value in spec.items():
-                key = str(key).replace("-", "_")
-                if key == "train":
-                    continue
-                if key in FUSE_OWNED:
-                    problems.append(f"{swhere}: {key!r} is set by the study; remove it")
-                elif key not in fuse_hints:
-                    problems.append(
-                        f"{swhere}: unknown option {key!r} (fuse_layers.py options, or train: {{...}})"
-                    )
-                else:
-                    fuse[key] = problems.attempt(
-                        lambda k=key, v=value, w=swhere: _convert(v, fuse_hints[k], f"{w}: {k}")
-                    )
+            fuse = _options(
+                {k: v for k, v in spec.items() if k != "train"},
+                FuseConfig,
+                FUSE_OWNED,
+                swhere,
+                problems,
+                hint=" (fuse_layers.py options, or train: {...})",
+            )
             _check_fuse(fuse, swhere, problems)
             stage_train = _options(spec.get("train"), TrainConfig, TRAIN_OWNED, f"{swhere}: train", problems)
             merged = {**train, **arm_train, **stage_train}
