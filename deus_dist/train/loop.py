@@ -4,8 +4,9 @@ Step ``s`` (counted from 1) consumes the global batch at data positions
 ``[consumed, consumed + G)``, ``G = micro_batch * grad_accum * world_size``; rank ``r``'s
 micro-batch ``a`` is the ``micro_batch`` rows starting at ``consumed + (a * world + r) *
 micro_batch``. The loss is the mean over the step's target tokens, so the world size and the
-accumulation split change nothing but the order of floating-point sums. Everything that changes is in ``TrainState`` and DeepSpeed's checkpoint, so a run
-stopped after any step and resumed computes exactly what an uninterrupted run computes.
+accumulation split change nothing but the order of floating-point sums. Everything that changes
+is in ``TrainState`` and DeepSpeed's checkpoint, so a run stopped after any step and resumed
+computes exactly what an uninterrupted run computes.
 """
 
 from __future__ import annotations
