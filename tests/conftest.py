@@ -336,8 +336,11 @@ def launch_env() -> dict:
 def launch(
     args, launcher: str = "deepspeed", nproc: int = 2, timeout: int = 600, check: bool = True, script=None
 ):
+    """Run a launcher; every launch also checks that it left no DeepSpeed shared-memory segment in
+    /dev/shm (RAM that no process frees)."""
     import subprocess
 
+    shm_before = shm_segments()
     proc = subprocess.run(
         launch_cmd(args, launcher, nproc, script),
         env=launch_env(),
@@ -349,7 +352,16 @@ def launch(
         raise AssertionError(
             f"launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
         )
+    leaked = shm_segments() - shm_before
+    assert not leaked, f"the launch left DeepSpeed shared-memory segments behind: {sorted(leaked)}"
     return proc
+
+
+def shm_segments() -> set[str]:
+    """DeepSpeed's CPU all-reduce segments now in /dev/shm."""
+    from deus_dist.train.dist import SHM_DIR
+
+    return {p.name for p in SHM_DIR.glob("deepspeed_allreduce_buffer_*")} if SHM_DIR.is_dir() else set()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -131,10 +132,39 @@ def init_distributed(local_rank_flag: int | None = None, timeout_s: float | None
     if not torch.distributed.is_initialized():
         kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
         deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
+        if device.type == "cpu":  # one rank alone makes a segment too
+            _unlink_shm_segment(rank)
     nonce = [uuid.uuid4().hex[:12]]
     if world_size > 1:
         torch.distributed.broadcast_object_list(nonce, src=0)
     return DistEnv(rank, local_rank, world_size, device, nonce[0])
+
+
+SHM_DIR = Path("/dev/shm")
+SHM_SEGMENT = "deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+"""The name DeepSpeed's CPU all-reduce gives each rank's shared-memory segment (0.19.8,
+``csrc/cpu/comm/shm.cpp``: SHM_BUFFER_NAME, then uid, MASTER_ADDR, MASTER_PORT and the rank)."""
+
+
+def _unlink_shm_segment(rank: int) -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce segment once every rank has mapped
+    every other rank's.
+
+    When all ranks are on one machine, DeepSpeed's CPU communication op (``shm_initialize``) creates
+    a 66 MB shared-memory segment per rank in /dev/shm and maps every peer's, but never unlinks
+    them: every CPU run left world_size x 66 MB of RAM behind, under a new name per port (here they
+    filled /dev/shm until the test suite was killed for memory). After the barrier every rank has
+    returned from ``shm_initialize`` with every segment mapped, so the names can go; the mappings
+    stay valid, and the memory is freed when the processes exit, however they exit.
+    """
+    barrier()
+    name = SHM_SEGMENT.format(
+        uid=os.getuid(),
+        addr=os.environ.get("MASTER_ADDR", ""),
+        port=os.environ.get("MASTER_PORT", ""),
+        rank=rank,
+    )
+    (SHM_DIR / name).unlink(missing_ok=True)
 
 
 def barrier() -> None:
