@@ -26,6 +26,7 @@ import pickle
 import random
 import re
 import shutil
+import socket
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deus_dist.checkpoint.writer import build_once, fsync_tree, write_text_atomic
+from deus_dist.checkpoint.writer import build_once, fsync_tree, replace_dir, write_text_atomic
 from deus_dist.errors import CheckpointError, UserError
 from deus_dist.train.dist import DistEnv, barrier
 
@@ -108,7 +109,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def find_checkpoint(resume: str, run_dir: Path, option: str = "--resume") -> Path | None:
-    """The checkpoint ``--resume`` names: None for a fresh start."""
+    """The checkpoint ``resume`` names (the value of ``option``): None for a fresh start."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -121,7 +122,7 @@ def find_checkpoint(resume: str, run_dir: Path, option: str = "--resume") -> Pat
     if found:
         return found[-1]
     raise UserError(
-        f"--resume: {resume} holds no complete checkpoint (no {STATE_NAME} in it or in a step-* folder)"
+        f"{option}: {resume} holds no complete checkpoint (no {STATE_NAME} in it or in a step-* folder)"
     )
 
 
@@ -311,9 +312,7 @@ def save(engine, env: DistEnv, state: TrainState, root: Path, keep: int) -> Path
     if env.is_main:
         (root / partial / STATE_NAME).write_text(json.dumps(asdict(state), indent=1) + "\n")
         fsync_tree(root / partial, lambda f: f.name == STATE_NAME)
-        if final.exists():
-            shutil.rmtree(final)
-        (root / partial).rename(final)
+        replace_dir(root / partial, final)  # a step saved again: the old copy survives a failed rename
         write_text_atomic(root / "latest", tag)
         if keep > 0:
             for old in complete_checkpoints(root)[:-keep]:
@@ -336,6 +335,27 @@ def _unshare_step_counts(zero_optimizer) -> None:
             state["step"] = state["step"].clone()
 
 
+FORMAT_FAILURES = (
+    "PytorchStreamReader",  # torch.load of a truncated or overwritten zip
+    "invalid load key",
+    "Error(s) in loading state_dict",
+    "size mismatch",
+)
+"""What torch and DeepSpeed say, in a RuntimeError, about a file that is not the checkpoint it
+should be; any other RuntimeError (out of memory, a collective that failed) is not the file's."""
+
+
+def is_format_failure(e: BaseException) -> bool:
+    """Whether ``e``, raised while loading a checkpoint, says its files are damaged or inconsistent."""
+    if isinstance(e, (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError)):
+        return True
+    return (
+        isinstance(e, RuntimeError)
+        and not isinstance(e, torch.OutOfMemoryError)
+        and any(s in str(e) for s in FORMAT_FAILURES)
+    )
+
+
 def load(engine, env: DistEnv, path: Path, universal: bool = False) -> TrainState:
     """Collective: restore DeepSpeed's state, this rank's RNG, and the TrainState.
 
@@ -352,7 +372,12 @@ def load(engine, env: DistEnv, path: Path, universal: bool = False) -> TrainStat
         )
         rng_file = path / f"rng_rank_{env.rank}.pt"
         rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
-    except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError, OSError) as e:
+    except (FileNotFoundError, PermissionError) as e:
+        raise CheckpointError(f"--resume: cannot read {e.filename} ({e.strerror})") from None
+    except Exception as e:
+        if not is_format_failure(e):  # out of memory, a peer gone: not the checkpoint's fault
+            e.add_note(f"while rank {env.rank} ({socket.gethostname()}) loaded the checkpoint {path}")
+            raise
         raise CheckpointError(
             f"--resume: {path} is corrupt or incomplete ({type(e).__name__}: {str(e).splitlines()[0]}); "
             "resume from an earlier checkpoint with --resume PATH, or start over with --resume none"

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
+
+from deus_dist.errors import UserError
 
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
@@ -69,18 +72,44 @@ class Metrics:
         run_dir.mkdir(parents=True, exist_ok=True)
         # A resumed run continues the file: records past the checkpoint (written before a kill)
         # are dropped so every step appears once.
-        kept = []
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
-                    kept.append(line)
-        self.path.write_text("".join(k + "\n" for k in kept))
+        kept = [r for r in self._records() if r[1].get("step", 0) <= resume_step]
+        self.path.write_text("".join(line + "\n" for line, _ in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
         except ImportError:
             self.tb = None
+
+    def _records(self) -> list[tuple[str, dict]]:
+        """(line, record) for each line of the file. A kill during an append leaves a half-written
+        last line: it is dropped with a warning. A bad line before the last is not a torn append
+        but damage, refused so nothing is rewritten on a guess."""
+        if not self.path.exists():
+            return []
+        lines = self.path.read_text().splitlines()
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not an object")
+            except ValueError as e:
+                if number == len(lines):
+                    print(
+                        f"warning: {self.path}: dropped a half-written last line (a run killed while "
+                        f"appending): {line[:80]!r}",
+                        file=sys.stderr,
+                    )
+                    continue
+                raise UserError(
+                    f"--output_dir: {self.path} line {number} is not JSON ({e}); repair or remove that line, "
+                    "or start a new run in another --output_dir"
+                ) from None
+            records.append((line, record))
+        return records
 
     def write(self, record: dict) -> None:
         if not self.enabled:

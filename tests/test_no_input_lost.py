@@ -1,0 +1,141 @@
+"""Issue 20: no error lost, no input deleted, no torn file blocks a resume.
+
+Fast tests, in one process: one real single-rank DeepSpeed engine (gloo on the CPU) serves the
+checkpoint tests; the writing tools run in-process on tiny real models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TRAIN_COMMON, make_training_model, write_wiki_jsonl
+from deus_dist.errors import CheckpointError, UserError
+from deus_dist.train import checkpointing
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory) -> Path:
+    return make_training_model(tmp_path_factory.mktemp("up"))
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, up):
+    """A run brought up to its first step on one rank: a real ZeRO-3 engine over gloo."""
+    from deus_dist.cli.args import parse_config
+    from deus_dist.configs import TrainConfig
+    from deus_dist.train.run import start
+
+    root = tmp_path_factory.mktemp("one_rank")
+    data = write_wiki_jsonl(root / "wiki.jsonl", articles=4)
+    argv = [
+        "--ds_config",
+        REPO / "ds_configs" / "zero3_cpu.json",
+        "--model",
+        up,
+        "--data",
+        data,
+        "--output_dir",
+        root / "run",
+        *TRAIN_COMMON,
+    ]
+    run = start(parse_config(TrainConfig, [str(a) for a in argv], "cpt.py", ""), log=lambda *a: None)
+    yield run
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# -- 2. a torn last line in metrics.jsonl --------------------------------------------------------------
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, capsys):
+    from deus_dist.train.metrics import Metrics
+
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "lo')  # killed mid-append
+    Metrics(tmp_path, enabled=True, resume_step=3).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(line + "\n" for line in lines)
+    err = capsys.readouterr().err
+    assert "warning: " in err and "metrics.jsonl" in err and "half-written last line" in err
+
+
+def test_a_corrupt_metrics_line_in_the_middle_is_refused(tmp_path):
+    from deus_dist.train.metrics import Metrics
+
+    text = '{"step": 1}\n{"step": 2, oops\n{"step": 3}\n'
+    (tmp_path / "metrics.jsonl").write_text(text)
+    with pytest.raises(UserError, match=r"--output_dir: .*metrics.jsonl line 2 is not JSON"):
+        Metrics(tmp_path, enabled=True, resume_step=3)
+    assert (tmp_path / "metrics.jsonl").read_text() == text  # left for the user to look at
+
+
+# -- 4. saving a step again never leaves `latest` pointing at nothing -----------------------------------
+
+
+def test_saving_a_step_again_keeps_the_old_copy_when_the_rename_fails(one_rank, monkeypatch):
+    run = one_rank
+    root = run.plan.run_dir / "checkpoints"
+    state = run.state
+    state.step = 7
+    first = checkpointing.save(run.engine, run.env, state, root, keep=0)
+    marker = first / "saved-first"
+    marker.write_text("")
+    rename = Path.rename
+
+    def failing(self, target):
+        if self.name.startswith(".partial-"):
+            raise OSError(28, "No space left on device")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError):
+        checkpointing.save(run.engine, run.env, state, root, keep=0)
+    monkeypatch.undo()
+    assert marker.exists() and (first / checkpointing.STATE_NAME).is_file()
+    assert (root / (root / "latest").read_text()).is_dir()
+
+
+# -- 5. only a checkpoint-format failure says "corrupt checkpoint" ----------------------------------------
+
+
+def test_load_raises_failures_that_are_not_the_checkpoints_as_they_are(one_rank, monkeypatch):
+    run = one_rank
+    root = run.plan.run_dir / "checkpoints"
+    run.state.step = 9
+    saved = checkpointing.save(run.engine, run.env, run.state, root, keep=0)
+    for error in (torch.OutOfMemoryError("CPU out of memory"), RuntimeError("Connection closed by peer")):
+
+        def fail(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(run.engine, "load_checkpoint", fail)
+        with pytest.raises(type(error)) as caught:
+            checkpointing.load(run.engine, run.env, saved)
+        assert not isinstance(caught.value, CheckpointError)
+        assert any("rank 0" in note for note in getattr(caught.value, "__notes__", []))
+    monkeypatch.undo()
+    model_states = checkpointing.rank_files(saved)["model"][0]
+    model_states.write_bytes(model_states.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match="--resume: .* is corrupt or incomplete"):
+        checkpointing.load(run.engine, run.env, saved)
+
+
+# -- 6. find_checkpoint names the option the user typed ---------------------------------------------------
+
+
+def test_find_checkpoint_names_the_option_it_is_given(tmp_path):
+    with pytest.raises(UserError) as caught:
+        checkpointing.find_checkpoint(str(tmp_path), tmp_path, "CHECKPOINT_DIR")
+    assert str(caught.value).startswith("CHECKPOINT_DIR: ") and "--resume" not in str(caught.value)
+
+
+def test_export_names_its_positional_checkpoint(tmp_path, capsys):
+    from deus_dist.cli.export import main
+
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "CHECKPOINT_DIR: " in err and "--resume" not in err
