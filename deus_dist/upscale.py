@@ -33,6 +33,7 @@ from deus_dist.checkpoint.writer import parse_size
 from deus_dist.configs import FuseConfig
 from deus_dist.errors import CheckpointError, Problems, UserError
 from deus_dist.methods import Method, get_method, unused_options
+from deus_dist.outputs import Input, output_problems
 from deus_dist.plan import LayerPlan
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -136,13 +137,10 @@ def prepare(cfg: FuseConfig) -> Job:
     out = None
     if plan is not None:
         out = Path(cfg.out) if cfg.out else _default_out(model_dir, method.name, plan.num_layers_after)
-        out_abs, model_abs = out.absolute().resolve(), model_dir.absolute().resolve()
-        if out_abs == model_abs or model_abs in out_abs.parents:
-            problems.append(f"--out: {out} is inside --model {model_dir}; write somewhere else")
-        elif out.exists() and not cfg.force:
+        clashes = output_problems(out, "--out", "dir", [Input("--model", model_dir)])
+        problems.items += clashes
+        if not clashes and out.exists() and not cfg.force:
             problems.append(f"--out: {out} already exists; pass --force to replace it")
-        elif out.exists() and not out.is_dir():
-            problems.append(f"--out: {out} exists and is not a directory")
     problems.raise_if_any()
     # Last: a method's own checks and whole-model preparation (calibration) cost the most.
     method.prepare(reader, arch, plan, cfg, layers[0])
