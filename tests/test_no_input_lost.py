@@ -139,3 +139,96 @@ def test_export_names_its_positional_checkpoint(tmp_path, capsys):
     assert main([str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "CHECKPOINT_DIR: " in err and "--resume" not in err
+
+
+# -- 7. an output never touches an input, --force or not --------------------------------------------------
+
+
+def test_fuse_refuses_an_out_that_contains_its_model(tmp_path, capsys):
+    from conftest import fuse, make_tiny
+
+    model = make_tiny(tmp_path / "parent" / "m")
+    before = sorted(p.name for p in model.iterdir())
+    assert fuse("--model", model, "--out", tmp_path / "parent", "--force", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert f"--out: {tmp_path / 'parent'} contains --model {model}" in err
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_export_refuses_the_run_directory_and_writes_into_a_new_folder_of_it(one_rank, capsys):
+    from deus_dist.cli.export import main
+
+    run = one_rank
+    run.state.step = 11
+    checkpointing.save(run.engine, run.env, run.state, run.plan.run_dir / "checkpoints", keep=0)
+    ckpts = run.plan.run_dir / "checkpoints"
+    for out in (run.plan.run_dir, ckpts, ckpts / "step-00000011" / "hf"):
+        assert main([str(ckpts), str(out), "--force"]) == 2
+        err = capsys.readouterr().err
+        assert f"OUT_DIR: {out} " in err and "CHECKPOINT_DIR" in err
+    assert (ckpts / "step-00000011" / checkpointing.STATE_NAME).is_file()
+    assert (run.plan.run_dir / "data_cache").is_dir()
+    assert main([str(ckpts), str(run.plan.run_dir / "final")]) == 0
+    assert (run.plan.run_dir / "final" / "config.json").is_file()
+
+
+def test_output_checks_name_both_paths():
+    from deus_dist.outputs import Input, output_problems
+
+    run = REPO / "tests"
+    inputs = [Input("--model", REPO / "deus_dist"), Input("CHECKPOINT_DIR", run, holds_outputs=True)]
+    assert output_problems(REPO / "deus_dist", "--out", "dir", inputs) == [
+        f"--out: {REPO / 'deus_dist'} is --model {REPO / 'deus_dist'}, an input; write somewhere else"
+    ]
+    assert "is inside --model" in output_problems(REPO / "deus_dist" / "x", "--out", "dir", inputs)[0]
+    contains = output_problems(REPO, "--out", "dir", inputs)
+    assert "contains --model" in contains[0] and "contains CHECKPOINT_DIR" in contains[1]
+    assert output_problems(run / "final", "--out", "dir", inputs) == []
+    assert output_problems("org/model-on-the-hub", "--out", "dir", [Input("--model", "org/m")]) == []
+
+
+# -- 8. output paths of the wrong kind, found before any work ---------------------------------------------
+
+
+def test_output_paths_of_the_wrong_kind_are_refused_before_any_work(tmp_path, up, capsys):
+    from conftest import fuse
+    from deus_dist.cli import eval_ppl, eval_tasks, export, prepare_data
+    from deus_dist.cli.train import main as train_main
+
+    def cpt(*args):
+        return train_main([str(a) for a in args])
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    a_dir = tmp_path / "a_dir"
+    a_dir.mkdir()
+    data = write_wiki_jsonl(tmp_path / "d.jsonl", articles=2)
+    cases = [
+        (lambda: fuse("--model", up, "--out", a_file / "out", "--quiet"), "--out"),
+        (
+            lambda: eval_ppl.main(["--model", str(up), "--output_json", str(a_dir), "--quiet"]),
+            "--output_json",
+        ),
+        (
+            lambda: eval_ppl.main(["--model", str(up), "--output_json", str(a_file / "r.json"), "--quiet"]),
+            "--output_json",
+        ),
+        (
+            lambda: eval_tasks.main(["--model", str(up), "--output_path", str(a_file), "--quiet"]),
+            "--output_path",
+        ),
+        (
+            lambda: prepare_data.main(
+                ["--model", str(up), "--data", str(data), "--data_cache", str(a_file), "--quiet"]
+            ),
+            "--data_cache",
+        ),
+        (lambda: export.main([str(tmp_path), str(a_file / "x")]), "OUT_DIR"),
+        (lambda: cpt("--model", up, "--data", data, "--output_dir", a_file), "--output_dir"),
+        (lambda: cpt("--model", up, "--data", data, "--data_cache", a_file / "c"), "--data_cache"),
+        (lambda: cpt("--model", up, "--data", data, "--output_dir", up), "--output_dir"),
+    ]
+    for call, option in cases:
+        assert call() == 2, option
+        err = capsys.readouterr().err
+        assert f"{option}: " in err and "Traceback" not in err, err

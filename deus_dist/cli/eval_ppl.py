@@ -29,6 +29,7 @@ def run(cfg: EvalConfig) -> dict:
     from deus_dist.data_sources import iter_documents, source_identity
     from deus_dist.eval.perplexity import perplexity
     from deus_dist.hf_logging import quiet_transformers
+    from deus_dist.outputs import Input, output_problems
 
     problems = []
     if cfg.seq_len < 2:
@@ -37,6 +38,7 @@ def run(cfg: EvalConfig) -> dict:
         problems.append(f"--batch_size must be at least 1, got {cfg.batch_size}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda: no CUDA device is visible")
+    model_dir = None
     try:
         model_dir = checkpoint_dir(cfg.model, progress=not cfg.quiet)
     except UserError as e:
@@ -46,6 +48,10 @@ def run(cfg: EvalConfig) -> dict:
             source_identity(cfg.data, "--data")  # a missing path, or files of no kind datasets reads
         except UserError as e:
             problems.extend(e.problems)
+    if cfg.output_json:
+        # a result file beside the weights harms no input (the study keeps its scores in the model)
+        inputs = [Input("--model", model_dir, holds_outputs=True), Input("--data", cfg.data)]
+        problems.extend(output_problems(cfg.output_json, "--output_json", "file", inputs))
     if problems:
         raise UserError(problems)
     device = torch.device(

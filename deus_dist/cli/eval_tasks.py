@@ -28,6 +28,7 @@ def run(cfg: EvalTasksConfig, log=print) -> dict:
     from deus_dist.checkpoint.hub import checkpoint_dir
     from deus_dist.errors import Problems
     from deus_dist.eval import tasks as offline
+    from deus_dist.outputs import Input, output_problems
 
     problems = Problems()
     names = problems.attempt(lambda: offline.resolve_tasks(cfg.tasks))
@@ -40,6 +41,9 @@ def run(cfg: EvalTasksConfig, log=print) -> dict:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda: no CUDA device is visible")
     model_dir = problems.attempt(lambda: checkpoint_dir(cfg.model, progress=not cfg.quiet))
+    # results beside the weights harm no input (the study keeps its scores in the model)
+    inputs = [Input("--model", model_dir, holds_outputs=True)]
+    problems.items += output_problems(cfg.output_path, "--output_path", "dir", inputs)
     problems.raise_if_any()
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -29,6 +29,7 @@ def run(cfg: PrepareDataConfig, log=print) -> Path:
 
     from deus_dist.checkpoint.hub import checkpoint_dir
     from deus_dist.errors import Problems
+    from deus_dist.outputs import Input, output_problems
     from deus_dist.train.data import build_packed, cache_folder, data_spec, open_packed
 
     problems = Problems()
@@ -52,8 +53,10 @@ def run(cfg: PrepareDataConfig, log=print) -> Path:
                 model_dir=model_dir,
             )
         )
-    problems.raise_if_any()
     root = Path(cfg.data_cache or DEFAULT_CACHE)
+    inputs = [Input("--model", model_dir), Input("--data", cfg.data), Input("--eval_data", cfg.eval_data)]
+    problems.items += output_problems(root, "--data_cache", "dir", inputs)
+    problems.raise_if_any()
     existed = cache_folder(spec, root).exists()
     start = time.perf_counter()
     folder = build_packed(spec, model_dir, root, num_proc=cfg.num_proc, log=log, progress=not cfg.quiet)

@@ -25,8 +25,9 @@ from deus_dist.checkpoint import (
 )
 from deus_dist.checkpoint.manifest import MANIFEST_NAME
 from deus_dist.checkpoint.writer import parse_size
-from deus_dist.errors import CheckpointError, UserError
+from deus_dist.errors import CheckpointError, Problems, UserError
 from deus_dist.hf_logging import quiet_transformers
+from deus_dist.outputs import Input, output_problems
 from deus_dist.train.checkpointing import find_checkpoint, model_identity, read_state
 
 
@@ -63,9 +64,15 @@ def export_checkpoint(
 ) -> Path:
     """Write ``out`` from a training checkpoint and the checkpoint it started from; ``extra_files``
     (name -> text) are written beside the weights (sft: the chat template trained with)."""
-    found = find_checkpoint(str(checkpoint), Path(checkpoint), "CHECKPOINT_DIR")
-    state = read_state(found, "CHECKPOINT_DIR")
-    base_dir = Path(base) if base else Path(state.model["path"])
+    problems = Problems()
+    found = problems.attempt(lambda: find_checkpoint(str(checkpoint), Path(checkpoint), "CHECKPOINT_DIR"))
+    state = problems.attempt(lambda: read_state(found, "CHECKPOINT_DIR")) if found else None
+    base_dir = Path(base) if base else Path(state.model["path"]) if state else None
+    inputs = [Input("CHECKPOINT_DIR", checkpoint), Input("--base" if base else "its base model", base_dir)]
+    if found is not None and found.parent.name == "checkpoints":  # RUN/checkpoints/step-N
+        inputs.append(Input("the run directory of CHECKPOINT_DIR", found.parent.parent, holds_outputs=True))
+    problems.items += output_problems(out, "OUT_DIR", "dir", inputs)
+    problems.raise_if_any()
     if not (base_dir / "config.json").is_file():
         raise UserError(
             f"--base: {base_dir} (the checkpoint training started from) is not there; pass --base DIR"

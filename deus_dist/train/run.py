@@ -65,6 +65,7 @@ def start(cfg: TrainConfig, pipeline=None, log=print) -> Run:
     from deus_dist.train.cluster import once_per_filesystem, require_shared
     from deus_dist.train.dist import init_distributed
 
+    _check_outputs(cfg)  # before anything is written: require_shared makes --output_dir
     cuda = torch.cuda.is_available()
     env = init_distributed(cfg.local_rank, cfg.dist_timeout)
     say = log if env.is_main else (lambda *a, **k: None)
@@ -110,6 +111,17 @@ def start(cfg: TrainConfig, pipeline=None, log=print) -> Run:
         f"global batch {plan.global_batch} ({cfg.micro_batch} x {cfg.grad_accum} x {env.world_size}); {total} steps"
     )
     return Run(env, plan, data, eng, counts, state, say)
+
+
+def _check_outputs(cfg: TrainConfig) -> None:
+    from deus_dist.outputs import Input, output_problems
+
+    inputs = [Input("--model", cfg.model), Input("--data", cfg.data), Input("--eval_data", cfg.eval_data)]
+    problems = output_problems(cfg.output_dir, "--output_dir", "dir", inputs)
+    if cfg.data_cache:
+        problems += output_problems(cfg.data_cache, "--data_cache", "dir", inputs)
+    if problems:
+        raise UserError(problems)
 
 
 def train_and_export(run: Run, log=print):
