@@ -232,3 +232,70 @@ def test_output_paths_of_the_wrong_kind_are_refused_before_any_work(tmp_path, up
         assert call() == 2, option
         err = capsys.readouterr().err
         assert f"{option}: " in err and "Traceback" not in err, err
+
+
+# -- 3. a builder that dies without a word stops the ranks waiting for it ---------------------------------
+
+BUILDER = """
+import sys, time
+from pathlib import Path
+import torch
+from deus_dist.train import cluster
+from deus_dist.train.dist import DistEnv
+
+cluster.HEARTBEAT_S = 0.2
+directory, seconds = Path(sys.argv[1]), float(sys.argv[2])
+
+
+def barrier():  # no process group: the waiting rank (the test) says when it has read the result
+    while not (directory / "read").exists():
+        time.sleep(0.05)
+
+
+cluster.barrier = barrier
+
+
+def build():
+    time.sleep(seconds)
+    (directory / "built").write_text("by rank 0")
+
+
+cluster._first_then_others(directory, DistEnv(0, 0, 2, torch.device("cpu"), "n"), "t", 0, build, build)
+"""
+
+
+def test_waiting_ranks_stop_when_the_builders_heartbeat_goes_stale(tmp_path, monkeypatch):
+    """Rank 0 (a real process) builds while this process waits as rank 1: a build longer than the
+    stale limit is waited for while its heartbeat beats; a builder killed outright stops the wait."""
+    import subprocess
+    import sys
+    import time
+
+    from deus_dist.train import cluster
+    from deus_dist.train.dist import DistEnv
+
+    monkeypatch.setattr(cluster, "HEARTBEAT_STALE_S", 2.0)
+    rank1 = DistEnv(1, 1, 2, torch.device("cpu"), "n")
+
+    def waiter(directory):
+        def then():
+            (directory / "read").touch()
+            return (directory / "built").read_text()
+
+        return cluster._first_then_others(directory, rank1, "t", 0, None, then)
+
+    def builder(directory, seconds):
+        directory.mkdir()
+        proc = subprocess.Popen([sys.executable, "-c", BUILDER, str(directory), str(seconds)], cwd=REPO)
+        while not list(directory.glob("*.alive")):  # started (ranks arrive together, after a collective)
+            time.sleep(0.1)
+        return proc
+
+    slow = builder(tmp_path / "slow", 5.0)  # 2.5 times the stale limit
+    assert waiter(tmp_path / "slow") == "by rank 0"
+    assert slow.wait(30) == 0
+    builder(tmp_path / "killed", 600.0).kill()
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"rank 0 .*stopped .*heartbeat") as caught:
+        waiter(tmp_path / "killed")
+    assert time.monotonic() - start < 10 and str(tmp_path / "killed") in str(caught.value)

@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +36,13 @@ SHARE_WAIT_S = 5.0
 (network filesystems publish new files to other nodes after their attribute-cache delay)."""
 POLL_S = 0.5
 STALE_MARKER_S = 24 * 3600
+HEARTBEAT_S = 5.0
+"""How often a builder touches its heartbeat marker while it works."""
+HEARTBEAT_STALE_S = 120.0
+"""How long the ranks waiting for a builder see its heartbeat unchanged before they stop: it was
+killed outright (the OOM killer, a node failure) and will write no failure marker. Measured by
+each waiting rank's own clock, so clock skew between nodes does not matter; it covers a network
+filesystem's attribute-cache delay many times over."""
 
 
 def filesystem_views(directory: Path, env: DistEnv, tag: str, wait_s: float = SHARE_WAIT_S) -> list[set[int]]:
@@ -121,13 +130,15 @@ def _first_then_others(
     directory: Path, env: DistEnv, tag: str, builder: int, first: Callable[[], T], then: Callable[[], T]
 ) -> T:
     """``first()`` on ``builder``; the ranks that share its view poll its done/failed marker (no
-    collective deadline applies), then run ``then()``."""
+    collective deadline applies) and its heartbeat, then run ``then()``."""
     base = directory / f".deus-once-{env.nonce}-{tag}-{builder}"
     done, failed = base.with_name(base.name + ".done"), base.with_name(base.name + ".failed")
+    heartbeat = base.with_name(base.name + ".alive")
     if env.rank == builder:
         _remove_stale_markers(directory)
         try:
-            result = first()
+            with _beating(heartbeat):
+                result = first()
         except BaseException as e:
             problems = e.problems if isinstance(e, UserError) else [f"rank {builder} failed: {e!r}"]
             # renamed into place whole: a waiting rank that sees the marker can read all of it
@@ -139,8 +150,7 @@ def _first_then_others(
             raise
         done.write_text("")
     else:
-        while not done.exists() and not failed.exists():
-            time.sleep(POLL_S)
+        _wait_for(done, failed, heartbeat, builder, tag, directory)
         if failed.exists():
             report = json.loads(failed.read_text())
             if not report["user_error"]:
@@ -152,4 +162,48 @@ def _first_then_others(
     barrier()  # every rank has its result; the markers may go
     if env.rank == builder:
         done.unlink(missing_ok=True)
+        heartbeat.unlink(missing_ok=True)
     return result
+
+
+@contextlib.contextmanager
+def _beating(heartbeat: Path):
+    """Touch ``heartbeat`` every HEARTBEAT_S seconds from a thread while the body runs."""
+    stop = threading.Event()
+
+    def beat():
+        while True:
+            try:
+                heartbeat.touch()
+            except OSError:
+                pass  # a full or flaky disk: the waiting ranks judge by what they see
+            if stop.wait(HEARTBEAT_S):
+                return
+
+    thread = threading.Thread(target=beat, name="deus-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _wait_for(done: Path, failed: Path, heartbeat: Path, builder: int, tag: str, directory: Path) -> None:
+    """Poll until ``done`` or ``failed`` appears; a UserError when ``heartbeat`` has not changed for
+    HEARTBEAT_STALE_S (or never appeared in that time)."""
+    seen, since = None, time.monotonic()
+    while not done.exists() and not failed.exists():
+        try:
+            mtime = heartbeat.stat().st_mtime_ns
+        except OSError:
+            mtime = None
+        if mtime != seen:
+            seen, since = mtime, time.monotonic()
+        elif time.monotonic() - since > HEARTBEAT_STALE_S:
+            raise UserError(
+                f"rank {builder} stopped building {tag!r} in {directory} without reporting why: its heartbeat "
+                f"({heartbeat.name}) has not changed for {HEARTBEAT_STALE_S:.0f} s (killed, out of memory, or "
+                "its node failed); see that rank's log, then run the same command again"
+            )
+        time.sleep(POLL_S)
