@@ -11,8 +11,9 @@ class UserError(Exception):
     """Bad input from the user. ``problems`` lists every issue found, each naming its option."""
 
     rank: int | None = None
-    """In a distributed run, the one rank that found the problem and reports it; None when every
-    rank finds the same problems (rank 0 reports them)."""
+    """In a distributed run, the one rank that reports the problem (a builder whose failure the
+    ranks waiting for it repeat); None: the ranks that found it compare their messages, and rank 0
+    reports one that every rank found (train/failures.py)."""
 
     def __init__(self, problems: str | list[str]):
         self.problems = [problems] if isinstance(problems, str) else list(problems)

@@ -353,3 +353,38 @@ def test_defaults_make_the_embedded_model_first_and_train(tmp_path):
     )
     (record,) = read_metrics(tmp_path / "runs" / "sft")
     assert record["step"] == 1 and 0 < record["loss"] < 10 and record["eval_ppl"] < 100
+
+
+def test_an_error_only_one_rank_finds_is_printed_by_that_rank_once(train_setup, tmp_path):
+    """Two "nodes" of one rank each, where only rank 1's node lacks the --data file: rank 1 prints
+    the error once, naming itself and its host; rank 0, waiting in a collective, stops too; both
+    exit 2 within --dist_timeout."""
+    import socket
+
+    from conftest import launch_nodes, node_cmds
+
+    root, _, data = train_setup
+    local = tmp_path / "node-1-scratch"
+    local.mkdir()
+
+    def args(node):
+        return train_args(
+            train_setup,
+            "one-rank-error",
+            "--data",
+            data if node == 0 else local / data.name,
+            "--max_steps",
+            "2",
+            "--dist_timeout",
+            "60",
+            cache="one-rank-error-cache",
+        )
+
+    start = time.monotonic()
+    procs = launch_nodes(node_cmds(args, "deepspeed"), timeout=300)
+    out = "".join(p.stdout + p.stderr for p in procs)
+    assert [p.returncode for p in procs] == [2, 2], out[-4000:]
+    assert out.count(f"--data: {local / data.name}") == 1, out[-4000:]
+    assert f"rank 1 ({socket.gethostname()}): --data: " in procs[1].stderr
+    assert "Traceback" not in out
+    assert time.monotonic() - start < 120

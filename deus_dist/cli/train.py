@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from deus_dist.cli.args import parse_config
 from deus_dist.configs import TrainConfig
 from deus_dist.errors import UserError
@@ -41,20 +39,33 @@ def run(cfg, pipeline=None, log=print) -> int:
 
 def launcher_main(prog: str, cls: type, description: str, pipeline, argv: list[str] | None) -> int:
     """``main`` of a training launcher (cpt.py, sft.py): bad input exits 2 with one message, printed
-    by the rank that found it (rank 0 when every rank did); the process group is always closed."""
+    by the rank that found it, prefixed with its rank and host (by rank 0 alone when every rank
+    found it); a rank that another rank's error stopped exits 2 without a word. The process group
+    is always closed (train/failures.py)."""
+    board = None
     try:
         return run(parse_config(cls, argv, prog, description), pipeline)
     except UserError as e:
+        from deus_dist.train import failures
         from deus_dist.train.dist import layout
 
-        if e.reported_by(layout()[0]):
-            print(f"{prog}: error: {e}", file=sys.stderr)
+        board = failures.FailureBoard.of_job()
+        failures.report(e, prog, board, layout()[0])
+        return 2
+    except Exception:
+        from deus_dist.train import failures
+
+        board = failures.FailureBoard.of_job()
+        if not failures.stopped_by_another_rank(board):
+            raise
         return 2
     finally:
         import torch
 
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            torch.distributed.destroy_process_group()  # a peer still in a collective fails now
+        if board is not None:
+            board.leave()
 
 
 def main(argv: list[str] | None = None) -> int:

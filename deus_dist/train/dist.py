@@ -120,20 +120,23 @@ def init_distributed(local_rank_flag: int | None = None, timeout_s: float | None
 
     rank, local_rank, world_size = layout(local_rank_flag)
     _export_layout(rank, local_rank, world_size)
-    if torch.cuda.is_available():
-        index = cuda_device_index(local_rank, torch.cuda.device_count())
-        torch.cuda.set_device(index)
-        device, backend = torch.device("cuda", index), "nccl"
-    else:
+    cuda = torch.cuda.is_available()
+    if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        device, backend = torch.device("cpu"), "gloo"
     import deepspeed
 
     if not torch.distributed.is_initialized():
+        # joined before the GPU is chosen: a rank without one reports it to the others (failures.py)
         kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
-        deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
-        if device.type == "cpu":  # one rank alone makes a segment too
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False, **kwargs)
+        if not cuda:  # one rank alone makes a segment too
             _unlink_shm_segment(rank)
+    if cuda:
+        index = cuda_device_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
+    else:
+        device = torch.device("cpu")
     nonce = [uuid.uuid4().hex[:12]]
     if world_size > 1:
         torch.distributed.broadcast_object_list(nonce, src=0)
