@@ -299,3 +299,43 @@ def test_waiting_ranks_stop_when_the_builders_heartbeat_goes_stale(tmp_path, mon
     with pytest.raises(UserError, match=r"rank 0 .*stopped .*heartbeat") as caught:
         waiter(tmp_path / "killed")
     assert time.monotonic() - start < 10 and str(tmp_path / "killed") in str(caught.value)
+
+
+def test_nan_and_infinite_numbers_are_refused_where_options_are_parsed(tmp_path):
+    from deus_dist.cli.args import parse_config
+    from deus_dist.configs import TrainConfig
+
+    for text in ("nan", "inf", "Infinity"):
+        with pytest.raises(UserError, match=rf"--lr: invalid value '{text}' \(expected a finite number\)"):
+            parse_config(TrainConfig, ["--lr", text], "cpt.py", "")
+    (tmp_path / "c.yaml").write_text("weight_decay: .nan\n")
+    with pytest.raises(UserError, match="--config key 'weight_decay': invalid value nan"):
+        parse_config(TrainConfig, ["--config", str(tmp_path / "c.yaml")], "cpt.py", "")
+
+
+def test_a_deepspeed_config_deepspeed_refuses_is_reported_before_data_is_packed(tmp_path, up):
+    from deus_dist.cli.args import parse_config
+    from deus_dist.configs import TrainConfig
+    from deus_dist.train import engine
+    from deus_dist.train.data import TextPipeline
+
+    ds = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
+    ds["zero_optimization"]["stage"] = 7
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    data = write_wiki_jsonl(tmp_path / "d.jsonl", articles=2)
+    argv = [
+        "--model",
+        up,
+        "--data",
+        data,
+        "--ds_config",
+        tmp_path / "ds.json",
+        "--output_dir",
+        tmp_path / "r",
+    ]
+    cfg = parse_config(TrainConfig, [str(a) for a in argv], "cpt.py", "")
+    with pytest.raises(
+        UserError, match=r"--ds_config: DeepSpeed refuses stage=7: Input should be 0, 1, 2, 3"
+    ):
+        engine.prepare(cfg, 2, False, TextPipeline(), log=lambda *a: None)
+    assert not (tmp_path / "r" / "data_cache").exists()

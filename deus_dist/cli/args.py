@@ -11,6 +11,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -86,7 +87,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 raise ValueError("expected an integer")
             return int(value)
         if inner is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # "nan" passes every comparison a later check makes
+                raise ValueError("expected a finite number")
+            return number
         if inner is str:
             return str(value)
     except (TypeError, ValueError) as e:

@@ -130,9 +130,38 @@ def resolve_ds_config(
     left = sorted(_autos(cfg))
     if left:
         problems.append(f"--ds_config: no value known for {', '.join(left)}; set them explicitly")
+    problems += [] if problems else deepspeed_refusals(cfg)
     if problems:
         raise UserError(problems)
     return cfg
+
+
+def deepspeed_refusals(cfg: dict) -> list[str]:
+    """What DeepSpeed's own config class (``DeepSpeedConfig`` and its pydantic models) refuses in a
+    resolved config, e.g. a ZeRO stage that does not exist: found while validating, before any data
+    is packed or any rank starts, instead of as a traceback from ``deepspeed.initialize``."""
+    import contextlib
+    import io
+
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    trial = copy.deepcopy(cfg)
+    trial.pop("train_batch_size")  # DeepSpeed derives it for the world it sees, perhaps none yet
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            DeepSpeedConfig(trial)
+    except pydantic.ValidationError as e:
+        return [
+            f"--ds_config: DeepSpeed refuses {'.'.join(map(str, err['loc'])) or 'it'}={err.get('input')!r}: "
+            f"{err['msg']}"
+            for err in e.errors()
+        ]
+    except (ValueError, AssertionError, KeyError, TypeError) as e:
+        return [
+            f"--ds_config: DeepSpeed refuses it: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ]
+    return []
 
 
 def _autos(node, prefix: str = "") -> list[str]:
