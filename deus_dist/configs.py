@@ -200,7 +200,7 @@ class DataOptions:
     a fixed seed: it does not move with --seed)."""
     seq_len: int | None = None
     """Tokens per training sequence. Default: 2048 with a GPU, 256 on CPUs (tools/prepare_data.py:
-    2048)."""
+    2048, or the model's context if shorter)."""
     data_cache: str | None = None
     """Where the tokenized data is cached (one folder per cache key). Default: OUTPUT_DIR/data_cache.
     On node-local scratch it is built once per node."""

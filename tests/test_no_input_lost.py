@@ -339,3 +339,29 @@ def test_a_deepspeed_config_deepspeed_refuses_is_reported_before_data_is_packed(
     ):
         engine.prepare(cfg, 2, False, TextPipeline(), log=lambda *a: None)
     assert not (tmp_path / "r" / "data_cache").exists()
+
+
+def test_a_checkpoint_without_tokenizer_is_named_by_eval_tasks(tmp_path, up, capsys):
+    import shutil
+
+    from deus_dist.cli import eval_tasks
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in up.iterdir():
+        if f.name == "config.json" or f.suffix == ".safetensors" or f.name.endswith("index.json"):
+            shutil.copy2(f, bare / f.name)
+    argv = ["--model", str(bare), "--tasks", "piqa", "--limit", "1", "--output_path", str(tmp_path / "o")]
+    assert eval_tasks.main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"--model: {bare} has no usable tokenizer" in err and "Traceback" not in err
+
+
+def test_prepare_data_refuses_a_seq_len_above_the_models_context(tmp_path, up, capsys):
+    from deus_dist.cli import prepare_data
+
+    data = write_wiki_jsonl(tmp_path / "d.jsonl", articles=2)
+    argv = ["--model", str(up), "--data", str(data), "--data_cache", str(tmp_path / "c"), "--quiet"]
+    assert prepare_data.main([*argv, "--seq_len", "4096"]) == 2
+    assert "--seq_len 4096 exceeds the model's context of 256 tokens" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

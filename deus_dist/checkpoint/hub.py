@@ -1,4 +1,5 @@
-"""Turning a ``--model`` value into a local checkpoint directory."""
+"""Turning a ``--model`` value into a local checkpoint directory, and what a tool needs of one (a
+tokenizer, a context long enough), each missing piece one error naming the option."""
 
 from __future__ import annotations
 
@@ -43,3 +44,39 @@ def checkpoint_dir(value: str | None, option: str = "--model", progress: bool = 
     if not (path / "config.json").is_file():
         raise UserError(f"{option}: {path} is not an HF checkpoint directory (no config.json)")
     return path
+
+
+def load_tokenizer(model_dir: Path, option: str = "--model"):
+    """The checkpoint's tokenizer; a UserError naming ``option`` when it has none that loads (a
+    checkpoint saved without its tokenizer files)."""
+    from transformers import AutoTokenizer
+
+    from deus_dist.hf_logging import quiet_transformers
+
+    try:
+        with quiet_transformers(True):
+            return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UserError(
+            f"{option}: {model_dir} has no usable tokenizer ({str(e).strip().splitlines()[0]}); copy the "
+            "tokenizer files of the model it was made from into it"
+        ) from None
+
+
+def model_context(model_dir: Path) -> int | None:
+    """``max_position_embeddings`` of the checkpoint's config.json, None when it has none."""
+    import json
+
+    try:
+        context = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None  # the checkpoint's own checks report an unreadable config
+    return context if isinstance(context, int) else None
+
+
+def context_problems(model_dir: Path, seq_len: int) -> list[str]:
+    """``--seq_len`` longer than the context in the checkpoint's config.json."""
+    context = model_context(model_dir)
+    if context is not None and seq_len > context:
+        return [f"--seq_len {seq_len} exceeds the model's context of {context} tokens"]
+    return []

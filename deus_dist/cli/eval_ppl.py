@@ -23,9 +23,9 @@ examples:
 def run(cfg: EvalConfig) -> dict:
     import torch
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from deus_dist.checkpoint.hub import checkpoint_dir
+    from deus_dist.checkpoint.hub import checkpoint_dir, context_problems, load_tokenizer
     from deus_dist.data_sources import iter_documents, source_identity
     from deus_dist.eval.perplexity import perplexity
     from deus_dist.hf_logging import quiet_transformers
@@ -48,6 +48,8 @@ def run(cfg: EvalConfig) -> dict:
             source_identity(cfg.data, "--data")  # a missing path, or files of no kind datasets reads
         except UserError as e:
             problems.extend(e.problems)
+    if model_dir is not None:
+        problems.extend(context_problems(model_dir, cfg.seq_len))
     if cfg.output_json:
         # a result file beside the weights harms no input (the study keeps its scores in the model)
         inputs = [Input("--model", model_dir, holds_outputs=True), Input("--data", cfg.data)]
@@ -64,17 +66,9 @@ def run(cfg: EvalConfig) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
         cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
     )
+    tokenizer = load_tokenizer(model_dir)
     with quiet_transformers(cfg.quiet):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        except (OSError, ValueError) as e:
-            raise UserError(
-                f"--model: {model_dir} has no usable tokenizer ({str(e).splitlines()[0]})"
-            ) from None
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context is not None and cfg.seq_len > context:
-        raise UserError(f"--seq_len {cfg.seq_len} exceeds the model's context of {context} tokens")
     max_tokens = cfg.max_tokens if cfg.max_tokens and cfg.max_tokens > 0 else None
     docs = iter_documents(cfg.data, cfg.text_field)
     with tqdm(desc="windows", unit="win", disable=cfg.quiet, file=sys.stderr) as bar:

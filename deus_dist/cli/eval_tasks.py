@@ -25,7 +25,7 @@ examples:
 def run(cfg: EvalTasksConfig, log=print) -> dict:
     import torch
 
-    from deus_dist.checkpoint.hub import checkpoint_dir
+    from deus_dist.checkpoint.hub import checkpoint_dir, load_tokenizer
     from deus_dist.errors import Problems
     from deus_dist.eval import tasks as offline
     from deus_dist.outputs import Input, output_problems
@@ -41,6 +41,8 @@ def run(cfg: EvalTasksConfig, log=print) -> dict:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda: no CUDA device is visible")
     model_dir = problems.attempt(lambda: checkpoint_dir(cfg.model, progress=not cfg.quiet))
+    if model_dir is not None:
+        problems.attempt(lambda: load_tokenizer(model_dir))
     # results beside the weights harm no input (the study keeps its scores in the model)
     inputs = [Input("--model", model_dir, holds_outputs=True)]
     problems.items += output_problems(cfg.output_path, "--output_path", "dir", inputs)

@@ -369,14 +369,13 @@ class ChatPipeline:
             _chat_source(cfg.eval_data, "--eval_data", "heldout")
 
     def spec(self, cfg, model_dir: Path) -> ChatSpec:
-        from transformers import AutoTokenizer
+        from deus_dist.checkpoint.hub import load_tokenizer
 
         train = _chat_source(cfg.data, "--data", "train")
         held = _chat_source(cfg.eval_data, "--eval_data", "heldout") if cfg.eval_data else None
         if cfg.data is None and cfg.eval_data is None:
             held = _chat_source(None, "--eval_data", "heldout")
-        with quiet_transformers(True):
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir)
         template = resolve_template(tokenizer, cfg.chat_template, str(model_dir))
         ChatEncoder(
             tokenizer, template, seq_len=cfg.seq_len, train_on_prompt=False, truncation="turn"
@@ -398,14 +397,13 @@ class ChatPipeline:
         self, spec: ChatSpec, model_dir: Path, root: Path, *, num_proc=None, log=print, progress=False
     ) -> Path:
         def build(tmp: Path) -> None:
-            from transformers import AutoTokenizer
+            from deus_dist.checkpoint.hub import load_tokenizer
 
             start = time.perf_counter()
             log(
                 f"encoding {spec.train.label} with the chat template into {spec.seq_len}-token rows (once) into {root}"
             )
-            with quiet_transformers(True):
-                tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            tokenizer = load_tokenizer(model_dir)
             pad = (
                 tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
             )

@@ -304,13 +304,13 @@ def build_packed(
     """The cache folder of ``spec``, tokenized and packed first if missing (atomically)."""
 
     def build(tmp: Path) -> None:
-        from transformers import AutoTokenizer
+        from deus_dist.checkpoint.hub import load_tokenizer
 
         start = time.perf_counter()
         log(
             f"tokenizing and packing {spec.train.label} into {spec.seq_len}-token blocks (once) into {cache_root}"
         )
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir)
         if tokenizer.eos_token_id is None:
             raise UserError("--model: the tokenizer has no EOS token to separate documents")
         scratch = tmp / "scratch"

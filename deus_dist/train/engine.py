@@ -18,7 +18,7 @@ import torch
 
 from deus_dist.architectures import Architecture, architecture_for
 from deus_dist.checkpoint import CheckpointReader
-from deus_dist.checkpoint.hub import is_hub_name, resolve_model_path
+from deus_dist.checkpoint.hub import context_problems, is_hub_name, resolve_model_path
 from deus_dist.checkpoint.manifest import read_manifest
 from deus_dist.configs import FuseConfig, TrainConfig
 from deus_dist.errors import Problems, UserError
@@ -186,9 +186,7 @@ def prepare(cfg: TrainConfig, world_size: int, cuda: bool, pipeline, log=print) 
     data = attempt(lambda: pipeline.spec(cfg, model_dir))
     arch = attempt(lambda: architecture_for(config))
     manifest = attempt(lambda: read_manifest(model_dir))
-    context = config.get("max_position_embeddings")
-    if context is not None and cfg.seq_len > context:
-        problems.append(f"--seq_len {cfg.seq_len} exceeds the model's context of {context} tokens")
+    problems.items += context_problems(model_dir, cfg.seq_len)
     trainable = None
     if arch is not None:
         trainable = attempt(
