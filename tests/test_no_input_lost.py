@@ -365,3 +365,25 @@ def test_prepare_data_refuses_a_seq_len_above_the_models_context(tmp_path, up, c
     assert prepare_data.main([*argv, "--seq_len", "4096"]) == 2
     assert "--seq_len 4096 exceeds the model's context of 256 tokens" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_a_study_report_with_no_finished_cell_is_refused(tmp_path, capsys):
+    from deus_dist.cli.study import main
+
+    assert main(["--report_only", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "--report_only: no cell" in err and str(tmp_path / "s") in err
+    assert not (tmp_path / "s" / "report.md").exists()
+
+
+def test_study_errors_name_the_yaml_key_not_a_flag_the_study_lacks(tmp_path, capsys):
+    import yaml
+
+    from deus_dist.cli.study import main
+
+    study = yaml.safe_load((REPO / "studies" / "default.yaml").read_text())
+    study["eval"]["tasks"] = ["piqa", "nope"]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
+    assert main(["--config", str(tmp_path / "s.yaml"), "--dry_run", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "eval: tasks: unknown or unavailable task(s) nope" in err and "--tasks" not in err

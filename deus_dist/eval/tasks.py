@@ -228,15 +228,16 @@ def catalogue() -> dict[str, dict]:
     return json.loads((task_dir() / "catalogue.json").read_text())
 
 
-def resolve_tasks(text: str) -> list[str]:
-    """``paper`` or a comma-separated list, checked against what exists offline."""
+def resolve_tasks(text: str, option: str = "--tasks") -> list[str]:
+    """``paper`` or a comma-separated list, checked against what exists offline; ``option`` is how
+    the user gave it (the study file's ``eval: tasks``)."""
     names = PAPER if text == "paper" else [t.strip() for t in text.split(",") if t.strip()]
     available = catalogue()
     unknown = [t for t in names if t not in available]
     if unknown or not names:
         missing = "; ".join(f"{t}: {why}" for t, why in PAPER_MISSING.items() if t in unknown)
         raise UserError(
-            f"--tasks: unknown or unavailable task(s) {', '.join(unknown) or '(none given)'}; available offline: "
+            f"{option}: unknown or unavailable task(s) {', '.join(unknown) or '(none given)'}; available offline: "
             f"paper, {', '.join(sorted(available))}" + (f" ({missing})" if missing else "")
         )
     return names

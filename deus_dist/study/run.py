@@ -287,6 +287,11 @@ def run(cfg, log=print) -> dict | None:
             if problems:
                 raise UserError(problems)
     cells = cells_of(study, env, plans)
+    if cfg.report_only and not any(cell.done for cell in cells):
+        raise UserError(
+            f"--report_only: no cell under --out {env.out} has finished yet, so there is nothing to report; "
+            "run the study without --report_only first (or give the --out of a study that ran)"
+        )
     path = write_plan(study, env, plans, cells)
     log(summary(study, plans))
     log(f"plan: {path}")

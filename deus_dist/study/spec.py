@@ -158,7 +158,7 @@ def parse_study(data: dict, source: str = "--config") -> Study:
     if tasks:
         from deus_dist.eval.tasks import resolve_tasks
 
-        problems.attempt(lambda: resolve_tasks(",".join(map(str, tasks))))
+        problems.attempt(lambda: resolve_tasks(",".join(map(str, tasks)), f"{source}: eval: tasks"))
     arms, names = [], []
     raw_arms = data.get("arms")
     if not isinstance(raw_arms, list) or not raw_arms:
