@@ -387,3 +387,18 @@ def test_study_errors_name_the_yaml_key_not_a_flag_the_study_lacks(tmp_path, cap
     assert main(["--config", str(tmp_path / "s.yaml"), "--dry_run", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "eval: tasks: unknown or unavailable task(s) nope" in err and "--tasks" not in err
+
+
+def test_sft_format_that_does_not_match_the_data_names_format(tmp_path, up):
+    from conftest import write_chat_jsonl
+    from deus_dist.configs import SftConfig
+    from deus_dist.train.chat_data import ChatPipeline
+
+    data = write_chat_jsonl(tmp_path / "chats.jsonl", records=20)
+    cfg = SftConfig(data=str(data), chat_template="chatml", seq_len=128, format="alpaca")
+    pipeline = ChatPipeline()
+    with pytest.raises(UserError) as caught:
+        pipeline.build(pipeline.spec(cfg, up), up, tmp_path / "cache", log=lambda *a: None)
+    message = str(caught.value)
+    assert message.startswith("--format alpaca: ") and "'instruction' + 'output'" in message
+    assert "fields found: messages" in message and "--format messages" in message

@@ -100,17 +100,40 @@ KEY_FIELDS = (
 # -- records -> conversations -----------------------------------------------------------------------
 
 
+FORMAT_FIELDS = {
+    "sharegpt": ("conversations",),
+    "messages": ("messages",),
+    "alpaca": ("instruction", "output"),
+}
+"""The fields each --format reads, in the order auto-detection tries them."""
+
+
+def _fields(fmt: str) -> str:
+    return " + ".join(f"'{f}'" for f in FORMAT_FIELDS[fmt])
+
+
 def detect_format(columns: list[str], label: str) -> str:
-    if "conversations" in columns:
-        return "sharegpt"
-    if "messages" in columns:
-        return "messages"
-    if "instruction" in columns and "output" in columns:
-        return "alpaca"
+    for fmt, fields in FORMAT_FIELDS.items():
+        if all(f in columns for f in fields):
+            return fmt
     raise UserError(
         f"--data: {label} is in no format sft.py reads (fields found: {', '.join(columns) or 'none'}); it needs "
         "'conversations' (ShareGPT: [{from, value}]), 'messages' ([{role, content}]) or 'instruction' + 'output' "
         "(Alpaca); rename the fields or pass --format"
+    )
+
+
+def resolve_format(fmt: str, columns: list[str], label: str) -> str:
+    """``--format``, detected when auto; an explicit one must find its fields in the data."""
+    if fmt == "auto":
+        return detect_format(columns, label)
+    if all(f in columns for f in FORMAT_FIELDS[fmt]):
+        return fmt
+    found = next((f for f, fields in FORMAT_FIELDS.items() if all(c in columns for c in fields)), None)
+    hint = f"pass --format {found} (or --format auto)" if found else "rename the fields"
+    raise UserError(
+        f"--format {fmt}: {label} has no {_fields(fmt)} field(s) (fields found: {', '.join(columns) or 'none'}); "
+        + hint
     )
 
 
@@ -506,7 +529,7 @@ def _encode_source(
 
     (datasets.enable_progress_bars if progress else datasets.disable_progress_bars)()
     ds = _open_chat(src, option, scratch)
-    fmt = spec.format if spec.format != "auto" else detect_format(ds.column_names, src.label)
+    fmt = resolve_format(spec.format, ds.column_names, src.label)
     total = len(ds)
     chosen = np.zeros(total, dtype=bool)
     if split_here and total > 1:
