@@ -129,13 +129,67 @@ def open_dataset(src: Source, text_field: str | None, option: str, scratch: Path
                 cache_dir=str(scratch),
                 **extra,
             )
-    except Exception as e:  # datasets raises many types for unreadable input
-        raise UserError(f"{option}: cannot load {src.label}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # datasets raises many types for unreadable input, few of them say why
+        problem = next(filter(None, (file_problem(f, src.builder) for f in src.files)), None)
+        while e.__cause__ is not None and problem is None:
+            e = e.__cause__
+        raise UserError(
+            f"{option}: {problem or f'cannot load {src.label}: {type(e).__name__}: {e}'}"
+        ) from None
     if text_field is not None and text_field not in ds.column_names:
         raise UserError(
             f"--text_field: {src.label} has no column {text_field!r} (columns: {', '.join(ds.column_names)})"
         )
+    feature = ds.features[text_field] if text_field is not None else None
+    if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string", "null"):
+        raise UserError(
+            f"--text_field: {text_field!r} in {src.label} holds {getattr(feature, 'dtype', type(feature).__name__)} "
+            "values, not strings; name the field that holds the text"
+        )
     return ds
+
+
+def file_problem(path: Path, builder: str | None) -> str | None:
+    """Why a local data file does not read, found line by line (after ``datasets`` failed on it,
+    with no file, line or reason in its message): empty, not UTF-8 text, or for JSON Lines the
+    first line that is not a JSON object. None when no such reason is found."""
+    import json
+
+    with open(path, "rb") as f:
+        first = None
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"{path} line {number} is not UTF-8 text (byte {e.start}); is it a binary file?"
+            if builder != "json" or not line.strip():
+                continue
+            first = first or number
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                if number == first:  # one JSON document over many lines, not JSON Lines
+                    return _json_document_problem(path)
+                return f"{path} line {number} is not JSON ({e}); fix or remove that line"
+            if not isinstance(record, dict):
+                return (
+                    f"{path} line {number} is a JSON {type(record).__name__}, not an object with a text field"
+                )
+    if first is None and Path(path).read_bytes().strip() == b"":
+        return f"{path} is empty"
+    return None
+
+
+def _json_document_problem(path: Path) -> str | None:
+    import json
+
+    try:
+        json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return f"{path} is not UTF-8 text (byte {e.start}); is it a binary file?"
+    except ValueError as e:
+        return f"{path} is neither JSON Lines nor one JSON document ({e})"
+    return None
 
 
 def iter_documents(

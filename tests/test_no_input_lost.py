@@ -402,3 +402,22 @@ def test_sft_format_that_does_not_match_the_data_names_format(tmp_path, up):
     message = str(caught.value)
     assert message.startswith("--format alpaca: ") and "'instruction' + 'output'" in message
     assert "fields found: messages" in message and "--format messages" in message
+
+
+def test_unreadable_data_names_the_file_the_line_and_the_reason(tmp_path, up, capsys):
+    from deus_dist.cli import prepare_data
+
+    record = json.dumps({"text": "hello world " * 40})
+    files = {
+        "empty.jsonl": (b"", "is empty"),
+        "binary.jsonl": (b"\x89PNG\r\n\x1a\n" + bytes(range(128, 256)) * 8, "line 1 is not UTF-8 text"),
+        "middle.jsonl": (f'{record}\n{record}\n{{"text": oops\n{record}\n'.encode(), "line 3 is not JSON"),
+        "numbers.jsonl": (b'{"text": 5}\n{"text": 6}\n', "--text_field: 'text' in "),
+    }
+    for name, (content, reason) in files.items():
+        (tmp_path / name).write_bytes(content)
+        argv = ["--model", str(up), "--data", str(tmp_path / name), "--seq_len", "64", "--quiet"]
+        assert prepare_data.main([*argv, "--data_cache", str(tmp_path / "c")]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert str(tmp_path / name) in err and reason in err, err
+    assert "holds int64 values, not strings" in err
