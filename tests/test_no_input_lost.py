@@ -421,3 +421,18 @@ def test_unreadable_data_names_the_file_the_line_and_the_reason(tmp_path, up, ca
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert str(tmp_path / name) in err and reason in err, err
     assert "holds int64 values, not strings" in err
+
+
+def test_a_study_directory_may_not_hold_its_own_inputs(tmp_path, capsys):
+    import shutil
+
+    from deus_dist.cli.study import main
+
+    config = tmp_path / "mine" / "study.yaml"
+    config.parent.mkdir()
+    shutil.copy2(REPO / "studies" / "default.yaml", config)
+    assert main(["--config", str(config), "--dry_run", "--out", str(tmp_path)]) == 2
+    assert f"--out: {tmp_path} contains --config {config}" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert main(["--config", str(config), "--dry_run", "--out", str(tmp_path / "a_file")]) == 2
+    assert f"--out: {tmp_path / 'a_file'} is a file" in capsys.readouterr().err

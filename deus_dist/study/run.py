@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from deus_dist.errors import Problems, UserError
+from deus_dist.outputs import Input, output_problems
 from deus_dist.study import cells as C
 from deus_dist.study.budget import ArmPlan, assign_steps, base_shape, plan_arm
 from deus_dist.study.report import write_report
@@ -48,10 +49,13 @@ def prepare(cfg, log=print):
     if cfg.only and cfg.only not in [a.name for a in study.arms]:
         problems.append(f"--only: {cfg.only!r} is not an arm ({', '.join(a.name for a in study.arms)})")
     base = _base_dir(study, problems)
+    out = Path(cfg.out or Path("runs") / "study" / Path(config).stem).absolute()
+    inputs = [Input("base", base), Input("--config", config), Input("train: data", study.train.get("data"))]
+    inputs += [Input("eval: ppl", s) for s in study.eval_ppl]
+    problems.items += output_problems(out, "--out", "dir", inputs)
     problems.raise_if_any()
     cuda = torch.cuda.is_available()
     ranks = cfg.ranks or (torch.cuda.device_count() if cuda else 2)
-    out = Path(cfg.out or Path("runs") / "study" / Path(config).stem).absolute()
     env = C.Env(out=out, base=base, ranks=ranks, cuda=cuda)
     shape = base_shape(base)
     plans = {}
