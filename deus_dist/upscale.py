@@ -8,6 +8,7 @@ shards whose layout is fixed before any weight is computed.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -25,7 +26,6 @@ from deus_dist.checkpoint import (
     atomic_output_dir,
     copy_aux_files,
 )
-from deus_dist.checkpoint.blocks import read_block
 from deus_dist.checkpoint.hf_config import config_hash, resolved_per_layer_lists, rewrite_config
 from deus_dist.checkpoint.hub import resolve_model_path
 from deus_dist.checkpoint.manifest import build_manifest, read_manifest, write_manifest
@@ -35,6 +35,20 @@ from deus_dist.errors import CheckpointError, Problems, UserError
 from deus_dist.methods import Method, get_method, unused_options
 from deus_dist.outputs import Input, output_problems
 from deus_dist.plan import LayerPlan
+from deus_dist.workers import (
+    Distributed,
+    InProcess,
+    ProcessPool,
+    Task,
+    WorkerPlan,
+    distributed_world,
+    human,
+    init_distributed,
+    measured_gflops,
+    plan_workers,
+    tasks_of,
+    worker_option_problems,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DISK_MARGIN = 64 * 2**20
@@ -56,6 +70,9 @@ class Job:
     device: torch.device
     block_suffixes: list[str]
     global_names: list[str]
+    tasks: list[Task]
+    """The new blocks to make, in output order."""
+    workers: WorkerPlan
 
 
 def _check_layers(
@@ -141,9 +158,13 @@ def prepare(cfg: FuseConfig) -> Job:
         problems.items += clashes
         if not clashes and out.exists() and not cfg.force:
             problems.append(f"--out: {out} already exists; pass --force to replace it")
+    problems.items += worker_option_problems(cfg)
     problems.raise_if_any()
     # Last: a method's own checks and whole-model preparation (calibration) cost the most.
     method.prepare(reader, arch, plan, cfg, layers[0])
+    tasks = tasks_of(plan)
+    block_bytes = 4 * sum(math.prod(reader.tensors[arch.layer_name(0, s)].shape) for s in layers[0])
+    workers = plan_workers(cfg, method, block_bytes, len(tasks))
     return Job(
         cfg=cfg,
         model_dir=model_dir,
@@ -157,6 +178,8 @@ def prepare(cfg: FuseConfig) -> Job:
         device=torch.device(cfg.device),
         block_suffixes=layers[0],
         global_names=layers[1],
+        tasks=tasks,
+        workers=workers,
     )
 
 
@@ -192,35 +215,53 @@ def _progress(total: int, quiet: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="layer", disable=quiet, file=sys.stderr, dynamic_ncols=True)
 
 
+def block_shapes(job: Job) -> dict[str, tuple[int, ...]]:
+    """Shape of each tensor of a block, by suffix (every layer has the same)."""
+    return {s: job.reader.tensors[job.arch.layer_name(0, s)].shape for s in job.block_suffixes}
+
+
+def block_maker(job: Job):
+    """What makes the new blocks: this process, a pool of worker processes, or the torchrun ranks."""
+    w = job.workers
+    if w.distributed:
+        return Distributed(job.method, job.reader, job.arch, job.tasks, job.device, block_shapes(job))
+    if w.count == 1:
+        return InProcess(job.method, job.reader, job.arch, job.tasks, torch.device(w.devices[0]))
+    return ProcessPool(
+        job.method, job.model_dir, job.reader.option, job.arch, job.tasks, w.devices, w.threads
+    )
+
+
 def write_checkpoint(job: Job, tmp: Path, specs: list[TensorSpec]) -> dict:
     """Stream the up-scaled weights (laid out as ``specs``), config, tokenizer files and manifest
-    into ``tmp``."""
+    into ``tmp``. Inherited layers are copied tensor by tensor while the workers make new blocks."""
     dtype = {s.name: s.dtype for s in specs}
     writer = ShardedWriter(tmp, specs, job.max_shard_bytes)
+    maker = block_maker(job)
     try:
         for name in job.global_names:
             writer.write(name, job.reader.read(name).to(dtype[name]))
+        made = iter(maker)
         with _progress(job.plan.num_layers_after, job.cfg.quiet, "up-scaling") as bar:
             for i, src in enumerate(job.plan.layers):
+                block = None  # inherited: streamed tensor by tensor
                 if src.new:
-                    block = job.method.new_block(
-                        [read_block(job.reader, job.arch, k, job.device) for k in src.base],
-                        src.base,
-                        job.arch,
-                        job.device,
-                    )
-                else:
-                    block = None  # inherited: stream tensor by tensor
+                    index, block, report = next(made)
+                    assert index == i, f"block {index} arrived for layer {i}"
+                    if report is not None:
+                        job.method.reports["-".join(map(str, src.base))] = report
                 for s in job.block_suffixes:
                     name = job.arch.layer_name(i, s)
                     if block is not None:
-                        tensor = block[s].to("cpu")
+                        tensor = block[s]
                     else:
                         tensor = job.reader.read(job.arch.layer_name(src.base[0], s))
                     writer.write(name, tensor.to(dtype[name]))
+                del block
                 bar.update(1)
         writer.finish()
     finally:
+        maker.close()
         writer.close()
 
     config = job.reader.config
@@ -262,30 +303,72 @@ def verify_checkpoint(job: Job, tmp: Path) -> list[str]:
     return done
 
 
-def run(cfg: FuseConfig, log=print) -> Path:
-    """Validate, write into a temporary directory, verify, rename. Returns the output path."""
-    job = prepare(cfg)
-    specs = _specs(job)
-    _check_disk(job.out, sum(s.nbytes for s in specs))
-    say = (lambda *a: None) if cfg.quiet else log
-    plan = job.plan
+def _announce(job: Job, say) -> None:
+    """What is about to happen, with the memory and (for methods bound by arithmetic) the time it
+    should take, before any work starts."""
+    plan, w = job.plan, job.workers
     say(
         f"{job.method.name}: {job.model_dir} ({job.arch.family}, {plan.num_layers_before} layers) -> "
         f"{job.out} ({plan.num_layers_after} layers, new at {plan.new_layers})"
     )
-    start = time.perf_counter()
-    try:
-        with atomic_output_dir(job.out, cfg.force) as tmp:
-            stats = write_checkpoint(job, tmp, specs)
-            checks = verify_checkpoint(job, tmp)
-    finally:
-        job.reader.close()
-    say(
-        f"wrote {job.out}: {stats['shards']} shard(s), {stats['bytes'] / 1e9:.3f} GB, "
-        f"{time.perf_counter() - start:.1f} s"
+    if not job.tasks:
+        return
+    count = distributed_world() if w.distributed else w.count
+    where = (
+        "torchrun ranks" if w.distributed else ("GPUs" if w.devices[0].startswith("cuda") else "processes")
     )
-    for line in job.method.summary():
-        say(line)
-    for check in checks:
-        say(f"  verified: {check}")
-    return job.out
+    line = (
+        f"{len(job.tasks)} new block(s), {count} worker(s) ({where}, {w.threads} thread(s) each): about "
+        f"{human(w.per_worker_bytes)} per worker, {human(w.available_bytes)} free"
+    )
+    flops = job.method.block_flops()
+    if flops:
+        rate = measured_gflops(job.device) * 1e9
+        if job.device.type == "cpu" and not w.distributed:
+            rate *= w.threads / max(1, torch.get_num_threads())
+        # Measured: the assignment takes at most as long as the cost product it solves.
+        seconds = math.ceil(len(job.tasks) / count) * 2 * flops / rate
+        line += f"; estimated {seconds / 60:.1f} min of arithmetic"
+    say(line)
+
+
+def run(cfg: FuseConfig, log=print) -> Path:
+    """Validate, write into a temporary directory, verify, rename. Returns the output path.
+
+    Under torchrun every rank validates the same inputs and makes its share of the new blocks;
+    rank 0 writes, verifies and renames."""
+    world = distributed_world()
+    rank = init_distributed(cfg.device) if world > 1 else 0
+    try:
+        job = prepare(cfg)
+        if rank > 0:
+            try:
+                block_maker(job).serve()
+            finally:
+                job.reader.close()
+            return job.out
+        specs = _specs(job)
+        _check_disk(job.out, sum(s.nbytes for s in specs))
+        say = (lambda *a: None) if cfg.quiet else log
+        _announce(job, say)
+        start = time.perf_counter()
+        try:
+            with atomic_output_dir(job.out, cfg.force) as tmp:
+                stats = write_checkpoint(job, tmp, specs)
+                checks = verify_checkpoint(job, tmp)
+        finally:
+            job.reader.close()
+        say(
+            f"wrote {job.out}: {stats['shards']} shard(s), {stats['bytes'] / 1e9:.3f} GB, "
+            f"{time.perf_counter() - start:.1f} s"
+        )
+        for line in job.method.summary():
+            say(line)
+        for check in checks:
+            say(f"  verified: {check}")
+        return job.out
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()

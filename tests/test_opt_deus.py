@@ -86,18 +86,21 @@ def blocks(path, layers):
     return arch, out
 
 
-@pytest.mark.parametrize("solver", ["knn", "exact", "sinkhorn", "emd"])
+@pytest.mark.parametrize("solver", ["auction", "exact", "sinkhorn", "emd"])
 def test_identical_pair_gives_the_layer_back(tmp_path, solver):
     path = make_tiny(tmp_path / "base", "llama")
     arch, (a,) = blocks(path, [1])
     geo = HeadGeometry.from_config(json.loads((path / "config.json").read_text()))
-    aligned, reports = align_block(a, copy.deepcopy(a), arch, geo, SolverSettings(solver, reg=0.001, knn=4))
+    aligned, reports = align_block(a, copy.deepcopy(a), arch, geo, SolverSettings(solver, reg=0.001))
     for s in a:
         torch.testing.assert_close(aligned[s], a[s], atol=1e-4, rtol=1e-4)
     assert all(r.sharpness > 0.99 for r in reports.values())
 
 
-def test_permuting_b_does_not_change_the_fused_function(tmp_path):
+# The optimum is permutation-equivariant; the auction at its default tolerance is only near the
+# optimum (it may settle on another near-optimal plan), so it is run to a tight tolerance here.
+@pytest.mark.parametrize("solver", [["--ot_solver", "exact"], ["--ot_solver", "auction", "--ot_tol", "1e-6"]])
+def test_permuting_b_does_not_change_the_fused_function(tmp_path, solver):
     path = make_tiny(tmp_path / "base", "llama", num_hidden_layers=4)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     # a second base whose layer 2 (B of the pair 1-2) is a permutation of the first's
@@ -111,7 +114,9 @@ def test_permuting_b_does_not_change_the_fused_function(tmp_path):
     for src, name in ((path, "f1"), (ref, "f2")):
         out = tmp_path / name
         # the new block fuses A = layer 1 with B = layer 2 (B' in the second model)
-        assert fuse("--model", src, "--out", out, "--positions", "1", "--no_zero_init", "--quiet") == 0
+        assert (
+            fuse("--model", src, "--out", out, "--positions", "1", "--no_zero_init", "--quiet", *solver) == 0
+        )
         outs.append(AutoModelForCausalLM.from_pretrained(out).eval())
     h = torch.randn(2, 10, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
     y1 = layer_outputs(outs[0], outs[0].model.layers[2], h)

@@ -54,6 +54,14 @@ class Method(ABC):
     options: ClassVar[tuple[str, ...]] = ()
     """The method's own options (FuseConfig fields it reads beyond the common ones); an option of
     another method given with this one is refused (``unused_options``)."""
+    parallel: ClassVar[bool] = False
+    """Making a block costs more than reading it, so blocks are made by several workers by default
+    (``--workers``); for the others one worker keeps up with the IO."""
+
+    def __init__(self) -> None:
+        self.reports: dict[str, dict] = {}
+        """Per-block diagnostics, keyed "k-(k+1)" by the base layers a block came from; set by
+        ``new_block``, moved from a worker to the writer's method with the block."""
 
     def plan(self, num_layers: int, cfg: FuseConfig) -> LayerPlan:
         """The output layout; the default inserts new blocks into gaps chosen by the placement."""
@@ -83,13 +91,24 @@ class Method(ABC):
         """The new block from its source blocks (one for copy methods, the lower and upper for
         pair methods; ``layers`` are their base indices), as float32 tensors on ``device``."""
 
+    def working_bytes(self, block_bytes: int) -> int:
+        """Peak memory of making one block, given a block's float32 size: by default the sources
+        and the new block."""
+        return 3 * block_bytes
+
+    def block_flops(self) -> float:
+        """Arithmetic of making one block, for the time estimate printed before the work (0: the
+        method is bound by IO)."""
+        return 0.0
+
     def describe(self) -> dict:
         """Method settings recorded in the manifest beside the layer plan."""
         return {}
 
     def diagnostics(self) -> dict | None:
-        """Per-block measurements recorded in the manifest under ``diagnostics`` (optional)."""
-        return None
+        """Measurements recorded in the manifest under ``diagnostics``: by default the per-block
+        reports."""
+        return dict(sorted(self.reports.items(), key=lambda kv: [int(x) for x in kv[0].split("-")])) or None
 
     def summary(self) -> list[str]:
         """Lines printed after writing (a diagnostics table, say); default none."""

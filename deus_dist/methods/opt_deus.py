@@ -21,10 +21,11 @@ class OptDeus(Method):
     name = "opt-deus"
     pair = True
     function_preserving = True
+    parallel = True
     options = (
         "ot_variant",
         "ot_solver",
-        "ot_knn",
+        "ot_tol",
         "ot_reg",
         "ot_max_iter",
         "ot_cost",
@@ -40,8 +41,8 @@ class OptDeus(Method):
             problems.append(f"--fuse_weight must be in [0, 1], got {cfg.fuse_weight}")
         if cfg.ot_reg <= 0:
             problems.append(f"--ot_reg must be positive, got {cfg.ot_reg}")
-        if cfg.ot_knn < 1:
-            problems.append(f"--ot_knn must be at least 1, got {cfg.ot_knn}")
+        if not 0.0 < cfg.ot_tol < 1.0:
+            problems.append(f"--ot_tol must be in (0, 1), got {cfg.ot_tol}")
         if cfg.ot_max_iter < 1:
             problems.append(f"--ot_max_iter must be at least 1, got {cfg.ot_max_iter}")
         if cfg.ot_cost == "activations" and cfg.calib_tokens < 16:
@@ -58,9 +59,10 @@ class OptDeus(Method):
         self.cfg = cfg
         self.arch = arch
         self.geo = HeadGeometry.from_config(reader.config)
-        self.solver = SolverSettings(cfg.ot_solver, cfg.ot_reg, cfg.ot_max_iter, cfg.ot_knn)
+        self.solver = SolverSettings(cfg.ot_solver, cfg.ot_reg, cfg.ot_max_iter, cfg.ot_tol)
         self.function_preserving = cfg.zero_init
-        self._diagnostics: dict[str, dict] = {}
+        mlp = next(s for s, r in arch.block.items() if r.rows == "mlp")
+        self.mlp_units, self.mlp_width = reader.tensors[arch.layer_name(0, mlp)].shape[:2]
         self.runner = None
         if cfg.ot_cost == "activations" and cfg.ot_variant == "aligned":
             import torch
@@ -77,15 +79,19 @@ class OptDeus(Method):
             from deus_dist.ot.reference import reference_fuse
 
             block, report = reference_fuse(a, b)
-            self._diagnostics[key] = report
+            self.reports[key] = report
         else:
             fa = fb = None
             if self.runner is not None:
                 fa, fb = self.runner.features(layers[0], a, b)
             aligned, reports = align_block(a, b, arch, self.geo, self.solver, fa, fb)
             t = self.cfg.fuse_weight
-            block = {s: (1 - t) * aligned[s] + t * b[s] for s in a}
-            self._diagnostics[key] = {space: asdict(r) for space, r in reports.items()}
+            # In place where alignment already made a copy: one block less at the peak.
+            block = {
+                s: (x.mul_(1 - t) if x is not a[s] else x * (1 - t)).add_(b[s], alpha=t)
+                for s, x in aligned.items()
+            }
+            self.reports[key] = {space: asdict(r) for space, r in reports.items()}
         return zero_outputs(block, arch) if self.cfg.zero_init else block
 
     def describe(self):
@@ -108,8 +114,8 @@ class OptDeus(Method):
         }
         if c.ot_solver == "sinkhorn":
             out.update(ot_reg=c.ot_reg, ot_max_iter=c.ot_max_iter)
-        if c.ot_solver == "knn":
-            out.update(ot_knn=c.ot_knn)
+        if c.ot_solver == "auction":
+            out.update(ot_tol=c.ot_tol)
         if c.ot_cost == "activations":
             out.update(
                 calib_data=c.calib_data or "embedded Wikipedia sample (train slice)",
@@ -117,15 +123,24 @@ class OptDeus(Method):
             )
         return out
 
-    def diagnostics(self):
-        return self._diagnostics or None
+    def working_bytes(self, block_bytes):
+        """Sources, the aligned copy that becomes the new block, the MLP cost and the solver's own
+        copy of it (exact: float64; sinkhorn: a few float64 n x n temporaries)."""
+        n2 = self.mlp_units**2 * 4
+        solver = {"auction": 1, "exact": 2, "emd": 4, "sinkhorn": 6}[self.cfg.ot_solver]
+        return 3 * block_bytes + (1 + solver) * n2
+
+    def block_flops(self):
+        # The MLP cost: an n x n product over gate rows, up rows and down columns (3 x width).
+        return 2.0 * self.mlp_units**2 * 3 * self.mlp_width
 
     def summary(self):
-        if not self._diagnostics:
+        diagnostics = self.diagnostics()
+        if not diagnostics:
             return []
         if self.cfg.ot_variant == "reference":
             lines = [f"{'pair':>7s} {'matrix':28s} {'secs':>7s} {'mass':>7s} {'sharp':>6s} warned"]
-            for pair, mats in self._diagnostics.items():
+            for pair, mats in diagnostics.items():
                 for name, r in mats.items():
                     lines.append(
                         f"{pair:>7s} {name:28s} {r['seconds']:7.3f} {r['plan_mass']:7.3f} "
@@ -134,12 +149,13 @@ class OptDeus(Method):
             return lines
         lines = [
             f"{'pair':>7s} {'space':9s} {'units':>6s} {'solver':8s} {'secs':>7s} "
-            f"{'sim matched':>11s} {'sim identity':>12s} {'sharpness':>9s}"
+            f"{'sim matched':>11s} {'sim identity':>12s} {'sharpness':>9s} {'certified':>9s}"
         ]
-        for pair, spaces in self._diagnostics.items():
+        for pair, spaces in diagnostics.items():
             for space, r in spaces.items():
                 lines.append(
                     f"{pair:>7s} {space:9s} {r['units']:6d} {r['solver']:8s} {r['seconds']:7.3f} "
-                    f"{r['matched_similarity']:11.4f} {r['identity_similarity']:12.4f} {r['sharpness']:9.3f}"
+                    f"{r['matched_similarity']:11.4f} {r['identity_similarity']:12.4f} {r['sharpness']:9.3f} "
+                    f"{'-' if r['certified'] is None else format(r['certified'], '9.4f'):>9s}"
                 )
         return lines

@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 import torch
 
 from deus_dist.architectures import Architecture
-from deus_dist.ot.solvers import PlanInfo, pairwise_sq_dist, transport_plan
+from deus_dist.ot.solvers import (
+    ROW_BLOCK,
+    PlanInfo,
+    dense,
+    pairwise_sq_dist,
+    sq_dist_from_parts,
+    transport_plan,
+)
 
 
 @dataclass(frozen=True)
@@ -45,13 +52,13 @@ class HeadGeometry:
 
 @dataclass
 class SolverSettings:
-    solver: str = "exact"
+    solver: str = "auction"
     reg: float = 0.01
     max_iter: int = 2000
-    knn: int = 128
+    gap_tol: float = 2e-3
 
     def plan(self, cost: torch.Tensor) -> tuple[torch.Tensor, PlanInfo]:
-        return transport_plan(cost, self.solver, self.reg, self.max_iter, knn=self.knn)
+        return transport_plan(cost, self.solver, self.reg, self.max_iter, gap_tol=self.gap_tol)
 
 
 @dataclass
@@ -66,13 +73,17 @@ class SpaceReport:
     identity_similarity: float
     """The same in the original (unmatched) order."""
     sharpness: float
+    certified: float | None = 1.0
+    """Lower bound on the share of the optimum's improvement over the identity order reached
+    (see :class:`deus_dist.ot.solvers.PlanInfo`)."""
     extra: dict = field(default_factory=dict)
 
 
-def unit_features(
+def unit_feature_parts(
     tensors: dict[str, torch.Tensor], arch: Architecture, space: str, units: int
-) -> torch.Tensor:
-    """[units, F] features of a space's units from every tensor whose rows or columns live there."""
+) -> list[torch.Tensor]:
+    """The [units, f] pieces (views where possible) whose concatenation is each unit's features:
+    rows of every tensor whose rows live in ``space``, columns of every tensor whose columns do."""
     parts = []
     for suffix, role in arch.block.items():
         t = tensors.get(suffix)
@@ -85,11 +96,21 @@ def unit_features(
             parts.append(t.reshape(out, units, -1).permute(1, 0, 2).reshape(units, -1))
     if not parts:
         raise ValueError(f"no tensor of the {arch.family} block lives in space {space!r}")
-    return torch.cat([p.to(torch.float32) for p in parts], dim=1)
+    return [p.to(torch.float32) for p in parts]
 
 
-def as_permutation(plan: torch.Tensor) -> torch.Tensor | None:
-    """``src`` with P[src[j], j] = 1 if P is a permutation matrix, else None."""
+def unit_features(
+    tensors: dict[str, torch.Tensor], arch: Architecture, space: str, units: int
+) -> torch.Tensor:
+    """[units, F] features of a space's units from every tensor whose rows or columns live there."""
+    return torch.cat(unit_feature_parts(tensors, arch, space, units), dim=1)
+
+
+def source_index(plan: torch.Tensor) -> torch.Tensor | None:
+    """``src`` with A's unit ``src[j]`` going to B's unit j if the plan is a permutation (a
+    permutation vector, or a 0/1 matrix), else None."""
+    if plan.ndim == 1:
+        return torch.argsort(plan)
     src = plan.argmax(dim=0)
     ones = plan[src, torch.arange(plan.shape[1], device=plan.device)]
     if bool((ones == 1).all()) and float(plan.sum()) == plan.shape[0]:
@@ -100,11 +121,11 @@ def as_permutation(plan: torch.Tensor) -> torch.Tensor | None:
 def apply_plan(block: dict[str, torch.Tensor], arch: Architecture, space: str, plan: torch.Tensor) -> None:
     """In place: move A's units of ``space`` to B's order (rows: P^T @ A; columns: A @ P).
 
-    A permutation plan (exact, knn, emd) is applied by indexing, which costs nothing next to the
-    dense products a soft plan needs (as many flops as computing the cost itself).
+    A permutation is applied by indexing, which costs nothing next to the dense products a soft
+    plan needs (as many flops as computing the cost itself).
     """
     n = plan.shape[0]
-    src = as_permutation(plan)
+    src = source_index(plan)
     for suffix, role in arch.block.items():
         t = block.get(suffix)
         if t is None:
@@ -121,32 +142,50 @@ def apply_plan(block: dict[str, torch.Tensor], arch: Architecture, space: str, p
         block[suffix] = t
 
 
-def _cos_from_sq_dist(sq_dist: torch.Tensor, fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
-    """Cosine similarities from squared distances (no second n x n x F product)."""
-    na, nb = (fa.float() ** 2).sum(1), (fb.float() ** 2).sum(1)
-    dot = 0.5 * (na[:, None] + nb[None, :] - sq_dist)
-    return dot / (na.sqrt()[:, None] * nb.sqrt()[None, :]).clamp_min(1e-30)
+def _sq_norms(parts: list[torch.Tensor]) -> torch.Tensor:
+    return sum(p.square().sum(1) for p in parts)
 
 
 def _report(
-    plan: torch.Tensor, info: PlanInfo, cost: torch.Tensor, fa: torch.Tensor, fb: torch.Tensor, seconds: float
+    plan: torch.Tensor, info: PlanInfo, cost: torch.Tensor, na: torch.Tensor, nb: torch.Tensor, seconds: float
 ) -> SpaceReport:
-    cos = _cos_from_sq_dist(cost, fa, fb)
-    n = plan.shape[0]
+    """Similarities from squared distances and squared norms: cos = (|a|^2 + |b|^2 - d) / 2|a||b|,
+    for the matched pairs and the identity pairs only (a soft plan weighs every pair, in row
+    blocks), so no n x n temporary is made."""
+    n = cost.shape[0]
+    ar = torch.arange(n, device=cost.device)
+
+    def cos(i, j):
+        return (na[i] + nb[j] - cost[i, j]) / (2 * (na[i] * nb[j]).sqrt()).clamp_min(1e-30)
+
+    if plan.ndim == 1:
+        matched = float(cos(ar, plan).double().mean())
+    else:
+        total = 0.0
+        for i in range(0, n, ROW_BLOCK):
+            rows = slice(i, i + ROW_BLOCK)
+            c = (na[rows, None] + nb[None, :] - cost[rows]) / (
+                2 * (na[rows, None] * nb[None, :]).sqrt()
+            ).clamp_min(1e-30)
+            total += float((plan[rows].double() * c.double()).sum())
+        matched = total / n
     return SpaceReport(
         solver=info.solver,
         units=n,
         seconds=seconds,
-        matched_similarity=float((plan * cos).sum() / n),
-        identity_similarity=float(cos.diagonal().mean()),
+        matched_similarity=matched,
+        identity_similarity=float(cos(ar, ar).double().mean()),
         sharpness=info.sharpness,
+        certified=info.certified,
     )
 
 
-def mlp_plan(fa: torch.Tensor, fb: torch.Tensor, solver: SolverSettings) -> tuple[torch.Tensor, SpaceReport]:
-    cost = pairwise_sq_dist(fa, fb)
+def mlp_plan(
+    parts_a: list[torch.Tensor], parts_b: list[torch.Tensor], solver: SolverSettings
+) -> tuple[torch.Tensor, SpaceReport]:
+    cost = sq_dist_from_parts(parts_a, parts_b)
     plan, info = solver.plan(cost)
-    return plan, _report(plan, info, cost, fa, fb, info.seconds)
+    return plan, _report(plan, info, cost, _sq_norms(parts_a), _sq_norms(parts_b), info.seconds)
 
 
 def head_plans(
@@ -157,8 +196,8 @@ def head_plans(
     geo: HeadGeometry,
     solver: SolverSettings,
 ) -> tuple[torch.Tensor, torch.Tensor, SpaceReport, SpaceReport]:
-    """Plans over KV groups [Hkv, Hkv] and over query heads [H, H] (block structure: a query head
-    goes only where its group goes, with the inner plan of that pair of groups)."""
+    """Plans over KV groups [Hkv] and over query heads [H] (block structure: a query head goes
+    only where its group goes, with the inner plan of that pair of groups)."""
     r, g = geo.group, geo.kv_heads
     cost_q = pairwise_sq_dist(fa_q, fb_q)  # [H, H]
     inner = (
@@ -166,23 +205,42 @@ def head_plans(
         if r == 1
         else torch.empty(g, g, r, r, device=cost_q.device)
     )
+    inner_perm: dict[tuple[int, int], torch.Tensor] = {}
     kv_cost = pairwise_sq_dist(fa_kv, fb_kv)
     group_cost = kv_cost.clone()
-    inner_seconds = 0.0
+    inner_seconds, inner_certified, inner_solver = 0.0, 1.0, solver.solver
     for a in range(g):
         for b in range(g):
             sub = cost_q[a * r : (a + 1) * r, b * r : (b + 1) * r]
             if r > 1:
                 q_plan, q_info = solver.plan(sub)
-                inner[a, b] = q_plan
+                inner[a, b] = dense(q_plan)
+                if q_plan.ndim == 1:
+                    inner_perm[a, b] = q_plan
                 inner_seconds += q_info.seconds
+                inner_solver = q_info.solver
+                inner_certified = (
+                    None
+                    if q_info.certified is None or inner_certified is None
+                    else min(inner_certified, q_info.certified)
+                )
             group_cost[a, b] += (inner[a, b] * sub).sum()
     kv_plan, kv_info = solver.plan(group_cost)
-    # P_q[(a, i), (b, j)] = P_kv[a, b] * inner[a, b][i, j]
-    q_plan = (kv_plan[:, :, None, None] * inner).permute(0, 2, 1, 3).reshape(geo.heads, geo.heads)
-    kv_report = _report(kv_plan, kv_info, kv_cost, fa_kv, fb_kv, kv_info.seconds)
-    q_info = PlanInfo(solver.solver, inner_seconds, 0, q_plan.max(dim=1).values.mean().item())
-    q_report = _report(q_plan, q_info, cost_q, fa_q, fb_q, inner_seconds)
+    if kv_plan.ndim == 1 and (r == 1 or len(inner_perm) == g * g):
+        # Query head i of group a goes to head j of group kv_plan[a], j as the inner plan says.
+        q_plan = torch.cat(
+            [
+                int(kv_plan[a]) * r
+                + (inner_perm[a, int(kv_plan[a])] if r > 1 else torch.zeros(1, dtype=torch.long))
+                for a in range(g)
+            ]
+        ).to(cost_q.device)
+    else:  # P_q[(a, i), (b, j)] = P_kv[a, b] * inner[a, b][i, j]
+        q_plan = (dense(kv_plan)[:, :, None, None] * inner).permute(0, 2, 1, 3).reshape(geo.heads, geo.heads)
+    kv_report = _report(kv_plan, kv_info, kv_cost, (fa_kv**2).sum(1), (fb_kv**2).sum(1), kv_info.seconds)
+    q_sharp = 1.0 if q_plan.ndim == 1 else q_plan.max(dim=1).values.mean().item()
+    q_info = PlanInfo(inner_solver, inner_seconds, 0, q_sharp, inner_certified if q_plan.ndim == 1 else None)
+    q_report = _report(q_plan, q_info, cost_q, (fa_q**2).sum(1), (fb_q**2).sum(1), inner_seconds)
     return kv_plan, q_plan, kv_report, q_report
 
 
@@ -202,7 +260,7 @@ def align_block(
     reports: dict[str, SpaceReport] = {}
     m = next(t.shape[0] for s, t in a.items() if arch.block[s].rows == "mlp")
     plan, reports["mlp"] = mlp_plan(
-        unit_features(fa_src, arch, "mlp", m), unit_features(fb_src, arch, "mlp", m), solver
+        unit_feature_parts(fa_src, arch, "mlp", m), unit_feature_parts(fb_src, arch, "mlp", m), solver
     )
     apply_plan(aligned, arch, "mlp", plan)
     kv_plan, q_plan, reports["kv_heads"], reports["q_heads"] = head_plans(
