@@ -274,7 +274,7 @@ def test_waiting_ranks_stop_when_the_builders_heartbeat_goes_stale(tmp_path, mon
     from deus_dist.train import cluster
     from deus_dist.train.dist import DistEnv
 
-    monkeypatch.setattr(cluster, "HEARTBEAT_STALE_S", 2.0)
+    monkeypatch.setattr(cluster, "HEARTBEAT_STALE_S", 1.0)
     rank1 = DistEnv(1, 1, 2, torch.device("cpu"), "n")
 
     def waiter(directory):
@@ -291,7 +291,7 @@ def test_waiting_ranks_stop_when_the_builders_heartbeat_goes_stale(tmp_path, mon
             time.sleep(0.1)
         return proc
 
-    slow = builder(tmp_path / "slow", 5.0)  # 2.5 times the stale limit
+    slow = builder(tmp_path / "slow", 2.5)  # 2.5 times the stale limit
     assert waiter(tmp_path / "slow") == "by rank 0"
     assert slow.wait(30) == 0
     builder(tmp_path / "killed", 600.0).kill()
