@@ -256,7 +256,8 @@ class WorkerPlan:
     threads: int
     """CPU threads per worker."""
     per_worker_bytes: int
-    """Peak memory of one worker making one block (sources, new block, cost, solver)."""
+    """Peak memory of one worker making one block (sources, new block, cost, solver), plus its
+    finished block waiting for the writer."""
     available_bytes: int
     """Memory free where the blocks are made (host RAM, or the smallest visible GPU's)."""
     distributed: bool = False
@@ -314,7 +315,8 @@ def plan_workers(cfg, method, block_bytes: int, tasks: int) -> WorkerPlan:
     themselves were checked by :func:`worker_option_problems`."""
     world = distributed_world()
     requested = cfg.workers
-    per_worker = method.working_bytes(block_bytes)
+    # A worker's peak while making a block, and its finished block waiting for the writer.
+    per_worker = method.working_bytes(block_bytes) + block_bytes
     cuda = cfg.device == "cuda"
     gpus = torch.cuda.device_count() if cuda else 0
     available = available_memory("cuda" if cuda else "cpu")

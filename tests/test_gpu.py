@@ -18,7 +18,20 @@ def test_sinkhorn_on_cuda_matches_cpu():
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("solver", ["exact", "sinkhorn"])
+def test_auction_on_cuda_finds_what_it_finds_on_cpu():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4096, 512, generator=g)
+    perm = torch.randperm(4096, generator=g)
+    planted = pairwise_sq_dist(a, a[perm] + 0.05 * torch.randn(4096, 512, generator=g))
+    plan, info = transport_plan(planted.cuda(), "auction")
+    assert plan.is_cuda and torch.equal(perm[plan.cpu()], torch.arange(4096))
+    crowded = pairwise_sq_dist(a, torch.randn(4096, 512, generator=g))
+    _, cpu = transport_plan(crowded, "auction")
+    _, gpu = transport_plan(crowded.cuda(), "auction")
+    assert gpu.certified >= 0.998 and cpu.certified >= 0.998
+
+
+@pytest.mark.parametrize("solver", ["auction", "exact", "sinkhorn"])
 def test_fuse_on_cuda_matches_cpu(tmp_path, solver):
     base = make_tiny(tmp_path / "base", "llama")
     for device in ("cpu", "cuda"):

@@ -17,6 +17,7 @@ activations, a tensor's "rows" are the module's outputs over calibration tokens,
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -73,6 +74,8 @@ class SpaceReport:
     identity_similarity: float
     """The same in the original (unmatched) order."""
     sharpness: float
+    cost_seconds: float = 0.0
+    """Building the cost matrix (the GEMM the solver's ``seconds`` are compared with)."""
     certified: float | None = 1.0
     """Lower bound on the share of the optimum's improvement over the identity order reached
     (see :class:`deus_dist.ot.solvers.PlanInfo`)."""
@@ -183,9 +186,15 @@ def _report(
 def mlp_plan(
     parts_a: list[torch.Tensor], parts_b: list[torch.Tensor], solver: SolverSettings
 ) -> tuple[torch.Tensor, SpaceReport]:
+    start = time.perf_counter()
     cost = sq_dist_from_parts(parts_a, parts_b)
+    if cost.is_cuda:
+        torch.cuda.synchronize()
+    cost_seconds = time.perf_counter() - start
     plan, info = solver.plan(cost)
-    return plan, _report(plan, info, cost, _sq_norms(parts_a), _sq_norms(parts_b), info.seconds)
+    report = _report(plan, info, cost, _sq_norms(parts_a), _sq_norms(parts_b), info.seconds)
+    report.cost_seconds = cost_seconds
+    return plan, report
 
 
 def head_plans(
@@ -228,10 +237,11 @@ def head_plans(
     kv_plan, kv_info = solver.plan(group_cost)
     if kv_plan.ndim == 1 and (r == 1 or len(inner_perm) == g * g):
         # Query head i of group a goes to head j of group kv_plan[a], j as the inner plan says.
+        groups = kv_plan.tolist()
         q_plan = torch.cat(
             [
-                int(kv_plan[a]) * r
-                + (inner_perm[a, int(kv_plan[a])] if r > 1 else torch.zeros(1, dtype=torch.long))
+                groups[a] * r
+                + (inner_perm[a, groups[a]].cpu() if r > 1 else torch.zeros(1, dtype=torch.long))
                 for a in range(g)
             ]
         ).to(cost_q.device)
