@@ -436,3 +436,14 @@ def test_a_study_directory_may_not_hold_its_own_inputs(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     assert main(["--config", str(config), "--dry_run", "--out", str(tmp_path / "a_file")]) == 2
     assert f"--out: {tmp_path / 'a_file'} is a file" in capsys.readouterr().err
+
+
+def test_eval_ppl_writes_its_json_into_a_folder_that_does_not_exist_yet(tmp_path, up):
+    """The study's evaluation job under SLURM writes CELL/eval/ppl-*.json before CELL/eval exists."""
+    from deus_dist.cli import eval_ppl
+
+    data = write_wiki_jsonl(tmp_path / "d.jsonl", articles=2)
+    out = tmp_path / "cell" / "eval" / "ppl.json"
+    argv = ["--model", str(up), "--data", str(data), "--seq_len", "64", "--max_tokens", "256", "--quiet"]
+    assert eval_ppl.main([*argv, "--output_json", str(out)]) == 0
+    assert json.loads(out.read_text())["tokens"] > 0

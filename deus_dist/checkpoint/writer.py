@@ -193,8 +193,9 @@ def _fsync_path(path: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary sibling, flushed to disk and renamed: a reader
     (or a rerun that takes the file as a sign of finished work) sees the old file or the whole new
-    one, never a part."""
+    one, never a part. Missing parent folders are made, as for an output directory."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
