@@ -198,6 +198,9 @@ def iter_documents(
     """The non-empty texts of ``data`` in source order (``None``: the embedded Wikipedia sample's
     ``split``), read as training reads them: a .txt paragraph is a document; a missing
     ``text_field`` is an error naming --text_field."""
+    from deus_dist.extras import require
+
+    require("train", option, only=("datasets",))  # up-scaling needs it only for --calib_data text
     import datasets
 
     src = source_identity(data, option, split)

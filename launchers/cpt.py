@@ -7,12 +7,9 @@ Also runs under torchrun and srun. Global batch = --micro_batch * --grad_accum *
 Bad input: exit status 2 with one message naming the option. See ``--help`` and the README.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from deus_dist.cli.train import main  # noqa: E402
+from deus_dist.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,12 +9,9 @@ torchrun and srun. Global batch = --micro_batch * --grad_accum * world size. Bad
 2 with one message naming the option. See ``--help`` and the README.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from deus_dist.cli.sft import main  # noqa: E402
+from deus_dist.cli.sft import main
 
 if __name__ == "__main__":
     sys.exit(main())

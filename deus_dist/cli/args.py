@@ -135,6 +135,7 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         doc = docs.get(f.name, "")
         help_text = doc if "Default" in doc else f"{doc} (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %: "99.8%" is text
         if tp is bool:
             add(f"--{f.name}", dest=f.name, action="store_const", const=True, help=help_text)
             if default is not False:

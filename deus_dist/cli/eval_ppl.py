@@ -9,6 +9,7 @@ from pathlib import Path
 from deus_dist.cli.args import tool_main
 from deus_dist.configs import EvalConfig
 from deus_dist.errors import UserError
+from deus_dist.extras import requires
 
 DESCRIPTION = """\
 Perplexity of any HF causal LM checkpoint on a text source, streaming, in fixed windows; prints the
@@ -106,5 +107,10 @@ def run(cfg: EvalConfig) -> dict:
     return report
 
 
+@requires("eval", "eval_ppl.py", only=("datasets",))
 def main(argv: list[str] | None = None) -> int:
     return tool_main("eval_ppl.py", EvalConfig, DESCRIPTION, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

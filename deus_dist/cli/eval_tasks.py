@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from deus_dist.cli.args import tool_main
 from deus_dist.configs import EvalTasksConfig
+from deus_dist.extras import requires
 
 DESCRIPTION = """\
 Scores an HF checkpoint on the paper's downstream tasks with lm-evaluation-harness (its Python API,
@@ -143,5 +145,10 @@ def format_table(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@requires("eval", "eval_tasks.py")
 def main(argv: list[str] | None = None) -> int:
     return tool_main("eval_tasks.py", EvalTasksConfig, DESCRIPTION, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

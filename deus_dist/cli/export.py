@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from deus_dist.errors import UserError
+from deus_dist.extras import requires
 
 DESCRIPTION = """\
 Turn a training checkpoint (RUN_DIR/checkpoints, or one step-N inside it) into a plain HF checkpoint:
@@ -20,6 +21,7 @@ examples:
 """
 
 
+@requires("train", "export_hf.py")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="export_hf.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -48,3 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export_hf.py: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -40,3 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print("fuse_layers.py: interrupted; nothing was written", file=sys.stderr)
         return 130
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

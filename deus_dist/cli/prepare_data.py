@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from deus_dist.cli.args import tool_main
 from deus_dist.configs import PrepareDataConfig
+from deus_dist.extras import requires
 
 DESCRIPTION = """\
 Tokenize and pack a corpus into the cache launchers/cpt.py reads, with several tokenizer processes,
@@ -76,5 +78,10 @@ def run(cfg: PrepareDataConfig, log=print) -> Path:
     return folder
 
 
+@requires("train", "prepare_data.py")
 def main(argv: list[str] | None = None) -> int:
     return tool_main("prepare_data.py", PrepareDataConfig, DESCRIPTION, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

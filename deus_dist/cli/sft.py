@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 from deus_dist.configs import SftConfig
+from deus_dist.extras import requires
 
 DESCRIPTION = """\
 Instruction tuning (SFT) of the layers an up-scaling inserted, with the engine of cpt.py (DeepSpeed
@@ -23,8 +26,13 @@ examples:
 """
 
 
+@requires("train", "sft.py")
 def main(argv: list[str] | None = None) -> int:
     from deus_dist.cli.train import launcher_main
     from deus_dist.train.chat_data import ChatPipeline
 
     return launcher_main("sft.py", SftConfig, DESCRIPTION, ChatPipeline(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

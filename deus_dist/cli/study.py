@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 from deus_dist.cli.args import tool_main
 from deus_dist.configs import StudyConfig
+from deus_dist.extras import requires
 
 DESCRIPTION = """\
 Compares ways of growing a model (method, placement, how many blocks, one stage or several) at an
@@ -29,5 +32,10 @@ def run(cfg: StudyConfig, log=print):
     return run_study(cfg, log)
 
 
+@requires("study", "study.py")
 def main(argv: list[str] | None = None) -> int:
     return tool_main("study.py", StudyConfig, DESCRIPTION, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

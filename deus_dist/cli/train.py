@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 from deus_dist.cli.args import parse_config
 from deus_dist.configs import TrainConfig
 from deus_dist.errors import UserError
+from deus_dist.extras import requires
 
 DESCRIPTION = """\
 Continual pre-training of the layers an up-scaling inserted (the manifest's new_layers), with
@@ -68,5 +71,10 @@ def launcher_main(prog: str, cls: type, description: str, pipeline, argv: list[s
             board.leave()
 
 
+@requires("train", "cpt.py")
 def main(argv: list[str] | None = None) -> int:
     return launcher_main("cpt.py", TrainConfig, DESCRIPTION, None, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

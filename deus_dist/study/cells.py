@@ -1,8 +1,9 @@
 """Cells: one arm trained and evaluated with one seed, by the project's own entry points.
 
 Every step of a cell is a command a user would type (``tools/fuse_layers.py``, ``launchers/cpt.py``
-under DeepSpeed's launcher, ``launchers/sft.py``, ``tools/eval_ppl.py``, ``tools/eval_tasks.py``)
-and writes its own output atomically, so a rerun skips what is done and continues what was cut
+under DeepSpeed's launcher, ``launchers/sft.py``, ``tools/eval_ppl.py``, ``tools/eval_tasks.py``),
+run in their module form (``python -m deus_dist.cli.fuse``, DeepSpeed's ``--module``) so that an
+installed package needs no repository, and writes its own output atomically, so a rerun skips what is done and continues what was cut
 off (cpt's ``--resume auto``). A cell's folder is named by a hash of its resolved settings:
 changing any setting makes a new cell, never mixes results. The first stage's fused checkpoint is
 shared by the seeds (it does not depend on the seed); later stages grow each cell's own export.
@@ -30,11 +31,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deus_dist.checkpoint.writer import write_text_atomic
+from deus_dist.resources import default_ds_config
 from deus_dist.study.budget import ArmPlan, StagePlan
 from deus_dist.study.spec import EMBEDDED_SET, Study
 
-REPO = Path(__file__).resolve().parents[2]
 VERSION = 1
+MODULES = {
+    "fuse": "deus_dist.cli.fuse",
+    "cpt.py": "deus_dist.cli.train",
+    "sft.py": "deus_dist.cli.sft",
+    "ppl": "deus_dist.cli.eval_ppl",
+    "tasks": "deus_dist.cli.eval_tasks",
+    "study": "deus_dist.cli.study",
+}
+"""The entry point each step runs, as ``python -m MODULE`` (tools/*.py and launchers/*.py are thin
+files over these modules)."""
 
 
 def digest(obj) -> str:
@@ -75,7 +86,7 @@ class Env:
 
     @property
     def ds_config(self) -> Path:
-        return REPO / "ds_configs" / ("zero3.json" if self.cuda else "zero3_cpu.json")
+        return default_ds_config(self.cuda)
 
     def environ(self) -> dict:
         env = dict(os.environ)
@@ -88,30 +99,30 @@ class Env:
 
 @dataclass
 class Step:
-    """One command of a cell: a project script, its options, and the output that says it is done."""
+    """One command of a cell: an entry point's module, its options, and the output that says it is done."""
 
     kind: str
-    script: Path
+    module: str
     args: list[str]
     done: Path
     ranks: int = 1
     """More than one: the script runs under DeepSpeed's launcher with this many processes."""
 
     def command(self, master_port: int | None = None) -> list[str]:
-        launcher = [sys.executable]
-        if self.ranks > 1:
-            launcher += ["-m", "deepspeed.launcher.runner", "--num_gpus", str(self.ranks)]
-            if master_port is not None:
-                launcher += ["--master_port", str(master_port)]
-        return [*launcher, str(self.script), *self.args]
+        if self.ranks == 1:
+            return [sys.executable, "-m", self.module, *self.args]
+        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(self.ranks)]
+        if master_port is not None:
+            launcher += ["--master_port", str(master_port)]
+        return [*launcher, "--module", self.module, *self.args]
 
     def shell(self) -> str:
         return " ".join(shlex.quote(c) for c in self.command())
 
 
-def tool_step(kind: str, script: Path, options: dict, done: Path, ranks: int = 1) -> Step:
-    """``script`` with ``options`` as its flags, quiet (a cell's progress is the study's)."""
-    return Step(kind, script, [*flags(options), "--quiet"], done, ranks)
+def tool_step(kind: str, module: str, options: dict, done: Path, ranks: int = 1) -> Step:
+    """``python -m module`` with ``options`` as its flags, quiet (a cell's progress is the study's)."""
+    return Step(kind, module, [*flags(options), "--quiet"], done, ranks)
 
 
 @dataclass
@@ -144,7 +155,7 @@ def fused_dir(study: Study, env: Env, arm: ArmPlan) -> Path:
 def fuse_step(source: Path, out: Path, options: dict) -> Step:
     return tool_step(
         "fuse",
-        REPO / "tools" / "fuse_layers.py",
+        MODULES["fuse"],
         {"model": source, "out": out, **options},
         out / "deus_manifest.json",
     )
@@ -161,7 +172,7 @@ def train_step(env: Env, model: Path, run: Path, options: dict, seed: int, steps
         **{k: v for k, v in options.items() if k != "max_steps"},
     }
     kind = "train" if script == "cpt.py" else "sft"
-    return tool_step(kind, REPO / "launchers" / script, opts, run / "final" / "deus_manifest.json", env.ranks)
+    return tool_step(kind, MODULES[script], opts, run / "final" / "deus_manifest.json", env.ranks)
 
 
 def ppl_step(study: Study, model: Path, ppl_set: str, out: Path) -> Step:
@@ -172,12 +183,12 @@ def ppl_step(study: Study, model: Path, ppl_set: str, out: Path) -> Step:
         "max_tokens": study.ppl_tokens,
         "data": None if ppl_set == EMBEDDED_SET else Path(ppl_set).expanduser().resolve(),
     }
-    return tool_step("ppl", REPO / "tools" / "eval_ppl.py", opts, out)
+    return tool_step("ppl", MODULES["ppl"], opts, out)
 
 
 def tasks_step(study: Study, model: Path, out: Path) -> Step:
     opts = {"model": model, "tasks": study.eval_tasks, "output_path": out, "limit": study.task_limit or None}
-    return tool_step("tasks", REPO / "tools" / "eval_tasks.py", opts, out / "done.json")
+    return tool_step("tasks", MODULES["tasks"], opts, out / "done.json")
 
 
 def shared_steps(study: Study, env: Env, arm: ArmPlan) -> list[Step]:

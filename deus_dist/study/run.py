@@ -9,12 +9,11 @@ from pathlib import Path
 
 from deus_dist.errors import Problems, UserError
 from deus_dist.outputs import Input, output_problems
+from deus_dist.resources import DEFAULT_STUDY, slurm_script
 from deus_dist.study import cells as C
 from deus_dist.study.budget import ArmPlan, assign_steps, base_shape, plan_arm
 from deus_dist.study.report import write_report
 from deus_dist.study.spec import LAUNCHERS, Study, load_study
-
-DEFAULT_STUDY = C.REPO / "studies" / "default.yaml"
 
 
 def _base_dir(study: Study, problems: Problems) -> Path | None:
@@ -207,7 +206,8 @@ def submit_slurm(
     def submit(args: list[str], after: list[str]) -> str:
         dep = [f"--dependency=afterok:{':'.join(after)}"] if after else []
         cmd = ["sbatch", "--parsable", f"--output={jobs_dir}/%x-%j.out", *dep, *args]
-        proc = subprocess.run(cmd, cwd=C.REPO, capture_output=True, text=True, env=env.environ())
+        # the jobs start in the study directory (SLURM_SUBMIT_DIR): they need no repository
+        proc = subprocess.run(cmd, cwd=env.out, capture_output=True, text=True, env=env.environ())
         if proc.returncode != 0:
             raise UserError(
                 f"--launcher slurm: sbatch failed ({proc.returncode}): {proc.stderr.strip()[-500:]}"
@@ -232,7 +232,7 @@ def submit_slurm(
         fuse_job = (
             None
             if shared[0].done.exists()
-            else submit([str(C.REPO / "launchers" / "slurm" / "fuse.sbatch"), *shared[0].args], [])
+            else submit([str(slurm_script("fuse.sbatch")), *shared[0].args], [])
         )
         ppl0 = [s for s in shared[1:] if not s.done.exists()]
         if ppl0:
@@ -247,15 +247,15 @@ def submit_slurm(
                 if step.done.exists():
                     continue
                 if step.kind == "fuse":
-                    after = [submit([str(C.REPO / "launchers" / "slurm" / "fuse.sbatch"), *step.args], after)]
+                    after = [submit([str(slurm_script("fuse.sbatch")), *step.args], after)]
                 elif step.kind in ("train", "sft"):
-                    launcher = ["--export=ALL,LAUNCHER=launchers/sft.py"] if step.kind == "sft" else []
+                    launcher = [f"--export=ALL,LAUNCHER={step.module}"] if step.kind == "sft" else []
                     args = step.args
                     i = args.index("--ds_config")  # the job's own: cpt.sbatch passes $DS_CONFIG (zero3.json)
                     args = args[:i] + args[i + 2 :]
                     after = [
                         submit(
-                            [*launcher, *extra, str(C.REPO / "launchers" / "slurm" / "cpt.sbatch"), *args],
+                            [*launcher, *extra, str(slurm_script("cpt.sbatch")), *args],
                             after,
                         )
                     ]
@@ -267,7 +267,7 @@ def submit_slurm(
     config = cfg.config or str(DEFAULT_STUDY)
     report = C.Step(
         "report",
-        C.REPO / "tools" / "study.py",
+        C.MODULES["study"],
         ["--config", str(Path(config).absolute()), "--out", str(env.out), "--report_only"],
         env.out / "report.md",
     )

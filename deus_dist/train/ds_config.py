@@ -13,12 +13,7 @@ import json
 from pathlib import Path
 
 from deus_dist.errors import UserError
-
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
-
-
-def default_ds_config(cuda: bool) -> Path:
-    return REPO_CONFIGS / ("zero3.json" if cuda else "zero3_cpu.json")
+from deus_dist.resources import default_ds_config  # noqa: F401  (the shipped configs: package data)
 
 
 def load_ds_config(path: str | Path) -> dict:
