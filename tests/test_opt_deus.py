@@ -148,7 +148,7 @@ def test_sinkhorn_with_small_reg_approaches_exact(tmp_path):
 
 
 def test_reference_matches_the_released_math(tmp_path):
-    """An independent re-computation of the released code's fusion, from DESIGN.md's description."""
+    """An independent re-computation of the released code's fusion, from reference.py's description."""
     import ot
 
     path = make_tiny(tmp_path / "base", "llama", num_hidden_layers=2)

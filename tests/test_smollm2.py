@@ -88,7 +88,7 @@ def test_reference_variant(work, smollm2_dir):
     m = load_manifest(out)
     assert m["params"]["ot_variant"] == "reference" and len(m["diagnostics"]) == 15
     q = m["diagnostics"]["14-15"]["self_attn.q_proj.weight"]
-    # float32 on real weights: the kernel underflows and the plan carries no mass (DESIGN.md 2)
+    # float32 on real weights: the kernel underflows and the plan carries no mass (see deus_dist/ot/reference.py)
     assert q["numerical_warning"] and q["plan_mass"] < 1e-3
 
 

@@ -1,1 +1,1 @@
-"""Evaluation of checkpoints (perplexity; multiple choice later)."""
+"""Evaluation of checkpoints: perplexity (``perplexity.py``) and lm-eval multiple-choice tasks (``tasks.py``)."""

@@ -1,5 +1,5 @@
 """The authors' released OpT-DeUS fusion (repository voalmciaf/OpT-DeUS, Model/OpT-DeUS.py), as
-DESIGN.md section 2 describes it, so users can reproduce the paper's numbers.
+described below, so users can reproduce the paper's numbers.
 
 Per weight matrix (rows only): cost = Euclidean ``cdist`` between the rows of A and B, plan T =
 POT's ``ot.sinkhorn`` with uniform 1/n marginals, reg 0.06, 10,000 iterations, and no n*T
