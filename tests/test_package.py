@@ -10,11 +10,17 @@ CPU ``deus-cpt`` with the default ``--ds_config`` from another directory.
 from __future__ import annotations
 
 import json
+import os
 import runpy
+import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
-from conftest import REPO, launch_env, make_tiny
+import pytest
+
+from conftest import REPO, add_char_tokenizer, launch_env, make_tiny, write_wiki_jsonl
 
 ENTRY_POINTS = {
     # console script: (module, the extra it needs or None)
@@ -112,3 +118,116 @@ def test_fusing_needs_no_extra_and_other_tools_name_theirs(tmp_path):
         assert status == 2, (name, err)
         assert len(err.strip().splitlines()) == 1, (name, err)
         assert f"pip install 'deus-dist[{extra}]'" in err, (name, err)
+
+
+def copy_checkout(dst: Path) -> Path:
+    """The files git knows (tracked, or new and not ignored) copied to ``dst``, links as links: what a
+    clean clone holds, so the wheel is built from nothing the checkout's builds left behind."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
+    ).stdout.decode()
+    for rel in filter(None, listed.split("\0")):
+        src, out = REPO / rel, dst / rel
+        if not src.is_symlink() and not src.is_file():
+            continue  # deleted in the working tree
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            os.symlink(os.readlink(src), out)
+        else:
+            shutil.copy2(src, out)
+    return dst
+
+
+def run(cmd, cwd: Path, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"{cmd}:\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_wheel_installed_outside_the_checkout_fuses_and_trains(tmp_path):
+    """pip wheel, a fresh virtualenv outside the checkout, the wheel installed into it (its
+    deus_dist, not the editable checkout's), then from another directory: deus-fuse on a tiny model,
+    a 2-step CPU deus-cpt with the default --ds_config (the packaged zero3_cpu.json), and the
+    default study's dry run (the packaged studies/default.yaml, every command a module)."""
+    src = copy_checkout(tmp_path / "src")
+    wheels = tmp_path / "wheels"
+    env = {k: v for k, v in launch_env().items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PIP_NO_INDEX"] = "1"  # nothing is downloaded: the system site has every dependency
+    run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, src],
+        tmp_path,
+        env,
+    )
+    (wheel,) = wheels.glob("deus_dist-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for shipped in (
+        "ds_configs/zero3_cpu.json",
+        "studies/default.yaml",
+        "slurm/cpt.sbatch",
+        "architectures/llama.json",
+    ):
+        assert f"deus_dist/{shipped}" in names, shipped
+
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", "--system-site-packages", venv], tmp_path, env)
+    python, bin_dir = venv / "bin" / "python", venv / "bin"
+    run([python, "-m", "pip", "install", "-q", "--no-deps", wheel], tmp_path, env)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    env["VIRTUAL_ENV"] = str(venv)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = run([python, "-c", "import deus_dist; print(deus_dist.__file__)"], elsewhere, env).stdout.strip()
+    assert Path(where).is_relative_to(venv), where  # the wheel's copy, not the checkout
+
+    base = make_tiny(tmp_path / "base")
+    add_char_tokenizer(base)
+    data = write_wiki_jsonl(tmp_path / "wiki.jsonl", articles=4, chars=3000)
+    run(
+        [bin_dir / "deus-fuse", "--model", base, "--out", elsewhere / "up", "--num_new", "3", "--quiet"],
+        elsewhere,
+        env,
+    )
+    assert json.loads((elsewhere / "up" / "deus_manifest.json").read_text())["num_layers_after"] == 9
+
+    train = run(
+        [
+            bin_dir / "deus-cpt",
+            "--model",
+            "up",
+            "--data",
+            data,
+            "--output_dir",
+            "run",
+            "--max_steps",
+            "2",
+            "--seq_len",
+            "64",
+            "--micro_batch",
+            "2",
+            "--warmup_steps",
+            "0",
+            "--eval_batches",
+            "1",
+        ],
+        elsewhere,
+        env,
+    )
+    steps = [
+        json.loads(line)["step"] for line in (elsewhere / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2]
+    assert (elsewhere / "run" / "final" / "deus_manifest.json").is_file()
+    assert str(REPO) not in train.stdout + train.stderr  # nothing was read from the checkout
+
+    study = run(
+        [bin_dir / "deus-study", "--dry_run", "--quick", "--out", elsewhere / "study"], elsewhere, env
+    )
+    plan = json.loads((elsewhere / "study" / "plan.json").read_text())
+    commands = json.dumps(plan)
+    assert "-m deus_dist.cli.fuse" in study.stdout and "--module deus_dist.cli.train" in study.stdout
+    packaged = Path(where).parent / "ds_configs" / "zero3_cpu.json"
+    assert str(REPO) not in commands and f"--ds_config {packaged} " in commands  # the wheel's config
