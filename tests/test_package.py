@@ -151,8 +151,9 @@ def run(cmd, cwd: Path, env: dict, timeout: int = 600) -> subprocess.CompletedPr
 def test_a_wheel_installed_outside_the_checkout_fuses_and_trains(tmp_path):
     """pip wheel, a fresh virtualenv outside the checkout, the wheel installed into it (its
     deus_dist, not the editable checkout's), then from another directory: deus-fuse on a tiny model,
-    a 2-step CPU deus-cpt with the default --ds_config (the packaged zero3_cpu.json), and the
-    default study's dry run (the packaged studies/default.yaml, every command a module)."""
+    a 2-step CPU deus-cpt with the default --ds_config (the packaged zero3_cpu.json), the module
+    on 2 ranks under DeepSpeed's launcher (--module, as the study starts it), and the default study's
+    dry run (the packaged studies/default.yaml, every command a module)."""
     src = copy_checkout(tmp_path / "src")
     wheels = tmp_path / "wheels"
     env = {k: v for k, v in launch_env().items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -222,6 +223,36 @@ def test_a_wheel_installed_outside_the_checkout_fuses_and_trains(tmp_path):
     assert steps == [1, 2]
     assert (elsewhere / "run" / "final" / "deus_manifest.json").is_file()
     assert str(REPO) not in train.stdout + train.stderr  # nothing was read from the checkout
+
+    # the study's form with several ranks: DeepSpeed's launcher starting the module on 2 CPU ranks
+    from deus_dist.train.dist import free_port
+
+    ranks = [python, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port()]
+    run(
+        [
+            *ranks,
+            "--module",
+            "deus_dist.cli.train",
+            "--model",
+            "up",
+            "--data",
+            data,
+            "--output_dir",
+            "run2",
+            "--max_steps",
+            "1",
+            "--seq_len",
+            "64",
+            "--micro_batch",
+            "1",
+            "--eval_batches",
+            "1",
+            "--quiet",
+        ],
+        elsewhere,
+        env,
+    )
+    assert (elsewhere / "run2" / "final" / "deus_manifest.json").is_file()
 
     study = run(
         [bin_dir / "deus-study", "--dry_run", "--quick", "--out", elsewhere / "study"], elsewhere, env
