@@ -3,8 +3,8 @@
 New blocks are independent of each other, so they are made in parallel while one writer streams the
 output in layer order. Every way yields ``(output index, block, report)`` in the plan's order:
 
-- ``InProcess`` (one worker): reads the next block's sources on a thread while it computes the
-  current one;
+- ``InProcess`` (one worker): a thread makes the next block while the writer writes, so reading,
+  arithmetic and writing overlap;
 - ``ProcessPool`` (``--workers N``): N spawned processes, each with its own reader, its share of
   the threads (or its own GPU), and the prepared method; at most N blocks are in flight or waiting
   to be written, which is what bounds memory;
@@ -20,9 +20,9 @@ from __future__ import annotations
 import os
 import queue
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -61,23 +61,34 @@ def make_block(method, reader: CheckpointReader, arch: Architecture, task: Task,
 
 
 class InProcess:
-    """One worker: this process, with the next block's sources read on a thread meanwhile."""
+    """One worker: a thread of this process makes the next block (reading its sources, then the
+    arithmetic) while the writer writes the current one and the inherited layers after it, so IO
+    and compute overlap; one block is made ahead, never more."""
 
     def __init__(self, method, reader: CheckpointReader, arch: Architecture, tasks: list[Task], device):
         self.method, self.reader, self.arch, self.tasks, self.device = method, reader, arch, tasks, device
 
-    def _read(self, task: Task):
-        return [read_block(self.reader, self.arch, k, self.device) for k in task.layers]
+    def _make(self, task: Task, out: queue.Queue) -> None:
+        try:
+            out.put((make_block(self.method, self.reader, self.arch, task, self.device), None))
+        except BaseException as e:  # noqa: BLE001 - raised again in the writer's thread
+            out.put((None, e))
+
+    def _start(self, task: Task) -> queue.Queue:
+        out: queue.Queue = queue.Queue(1)
+        # A daemon thread: Ctrl-C or an error in the writer need not wait for a block in progress.
+        threading.Thread(target=self._make, args=(task, out), daemon=True, name="deus-fuse-block").start()
+        return out
 
     def __iter__(self) -> Iterator[tuple[int, Block, dict | None]]:
-        with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
-            ahead = pool.submit(self._read, self.tasks[0]) if self.tasks else None
-            for n, task in enumerate(self.tasks):
-                sources = ahead.result()
-                ahead = pool.submit(self._read, self.tasks[n + 1]) if n + 1 < len(self.tasks) else None
-                block, report = make_block(self.method, self.reader, self.arch, task, self.device, sources)
-                del sources
-                yield task.index, block, report
+        ahead = self._start(self.tasks[0]) if self.tasks else None
+        for n, task in enumerate(self.tasks):
+            made, error = ahead.get()
+            if error is not None:
+                raise error
+            ahead = self._start(self.tasks[n + 1]) if n + 1 < len(self.tasks) else None
+            block, report = made
+            yield task.index, block, report
 
     def close(self) -> None:
         pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class CheckpointReader:
         self.config = self._read_json(self.path / "config.json", "config.json")
         self.tensors: dict[str, TensorInfo] = {}
         self._files: dict[Path, object] = {}
+        self._lock = threading.Lock()
         for shard, names in self._weight_map().items():
             self._scan_shard(shard, names)
 
@@ -121,15 +123,16 @@ class CheckpointReader:
     def read(self, name: str) -> torch.Tensor:
         """One tensor, read into its own buffer (no memory map: only this tensor is resident)."""
         info = self.tensors[name]
-        f = self._files.get(info.file)
-        if f is None:
-            f = self._files[info.file] = open(info.file, "rb", buffering=0)
+        with self._lock:
+            f = self._files.get(info.file)
+            if f is None:
+                f = self._files[info.file] = open(info.file, "rb", buffering=0)
         buf = bytearray(info.nbytes)
-        f.seek(info.start)
         view = memoryview(buf)
         got = 0
         while got < info.nbytes:
-            n = f.readinto(view[got:])
+            # Positional reads share no file offset: threads may read the same shard at once.
+            n = os.preadv(f.fileno(), [view[got:]], info.start + got)
             if not n:
                 raise CheckpointError(f"{self.option}: shard {info.file.name} ended while reading {name}")
             got += n
