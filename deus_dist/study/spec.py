@@ -5,7 +5,7 @@ base: null                      # the embedded SmolLM2, or an HF directory
 train: {data: null, seq_len: 256, micro_batch: 1, max_steps: 60, lr: 3.0e-4}   # cpt.py options
 budget: flops                   # tokens | flops | seconds: what every arm spends alike
 seeds: [0, 1]
-eval: {ppl: [embedded, other.txt], tasks: [piqa], task_limit: 200}
+eval: {ppl: [embedded, other.txt], tasks: [piqa, my_task], include_path: my_tasks/, task_limit: 200}
 baseline: llama-pro
 arms:
   - {name: opt-deus}                                          # fuse_layers.py options
@@ -32,7 +32,7 @@ from deus_dist.configs import FuseConfig, SftConfig, TrainConfig
 from deus_dist.errors import Problems, UserError
 
 STUDY_KEYS = ("base", "train", "sft", "budget", "seeds", "eval", "baseline", "arms")
-EVAL_KEYS = ("ppl", "tasks", "task_limit", "ppl_tokens", "ppl_seq_len")
+EVAL_KEYS = ("ppl", "tasks", "include_path", "task_limit", "ppl_tokens", "ppl_seq_len")
 BUDGETS = ("tokens", "flops", "seconds")
 LAUNCHERS = ("local", "slurm")
 TRAIN_OWNED = (
@@ -78,6 +78,8 @@ class Study:
     arms: list[Arm]
     eval_ppl: list[str] = field(default_factory=lambda: [EMBEDDED_SET])
     eval_tasks: list[str] = field(default_factory=list)
+    eval_include_path: str | None = None
+    """A folder of the user's own lm-eval task definitions (eval_tasks.py --include_path), absolute."""
     task_limit: int | None = None
     ppl_tokens: int = 16384
     ppl_seq_len: int = 256
@@ -155,10 +157,22 @@ def parse_study(data: dict, source: str = "--config") -> Study:
                 f"{source}: eval: ppl set {s} does not exist (a text file or folder, or '{EMBEDDED_SET}')"
             )
     tasks = ev.get("tasks") or []
+    include_path = ev.get("include_path")
+    if include_path is not None:
+        include_path = str(Path(str(include_path)).expanduser().resolve())
     if tasks:
         from deus_dist.eval.tasks import resolve_tasks
 
-        problems.attempt(lambda: resolve_tasks(",".join(map(str, tasks)), f"{source}: eval: tasks"))
+        problems.attempt(
+            lambda: resolve_tasks(
+                ",".join(map(str, tasks)),
+                f"{source}: eval: tasks",
+                include_path=include_path,
+                include_option=f"{source}: eval: include_path",
+            )
+        )
+    elif include_path is not None:
+        problems.append(f"{source}: eval: include_path is given but eval: tasks names none of its tasks")
     arms, names = [], []
     raw_arms = data.get("arms")
     if not isinstance(raw_arms, list) or not raw_arms:
@@ -220,6 +234,7 @@ def parse_study(data: dict, source: str = "--config") -> Study:
         arms=arms,
         eval_ppl=[str(s) for s in ppl_sets],
         eval_tasks=[str(t) for t in tasks],
+        eval_include_path=include_path,
         task_limit=ev.get("task_limit"),
         ppl_tokens=ev.get("ppl_tokens", 16384),
         ppl_seq_len=ev.get("ppl_seq_len", 256),
