@@ -251,7 +251,7 @@ def submit_slurm(
                 elif step.kind in ("train", "sft"):
                     launcher = [f"--export=ALL,LAUNCHER={step.module}"] if step.kind == "sft" else []
                     args = step.args
-                    i = args.index("--ds_config")  # the job's own: cpt.sbatch passes $DS_CONFIG (zero3.json)
+                    i = args.index("--ds_config")  # the job's own: $DS_CONFIG, else the launcher's default
                     args = args[:i] + args[i + 2 :]
                     after = [
                         submit(
