@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from deus_dist.ot.solvers import plan_cost, sq_dist_from_parts, transport_plan  # noqa: E402
+from deus_dist.ot.solvers import plan_cost, sq_dist_from_parts, transport_plan
 
 
 def sync(device: str) -> None:
