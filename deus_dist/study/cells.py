@@ -2,9 +2,9 @@
 
 Every step of a cell is a command a user would type (``tools/fuse_layers.py``, ``launchers/cpt.py``
 under DeepSpeed's launcher, ``launchers/sft.py``, ``tools/eval_ppl.py``, ``tools/eval_tasks.py``),
-run in their module form (``python -m deus_dist.cli.fuse``, DeepSpeed's ``--module``) so that an
-installed package needs no repository, and writes its own output atomically, so a rerun skips what is done and continues what was cut
-off (cpt's ``--resume auto``). A cell's folder is named by a hash of its resolved settings:
+run in its module form (``python -m deus_dist.cli.fuse``, DeepSpeed's ``--module``) so that an
+installed package needs no repository. Each writes its own output atomically, so a rerun skips
+what is done and continues what was cut off (cpt's ``--resume auto``). A cell's folder is named by a hash of its resolved settings:
 changing any setting makes a new cell, never mixes results. The first stage's fused checkpoint is
 shared by the seeds (it does not depend on the seed); later stages grow each cell's own export.
 
@@ -106,7 +106,7 @@ class Step:
     args: list[str]
     done: Path
     ranks: int = 1
-    """More than one: the script runs under DeepSpeed's launcher with this many processes."""
+    """More than one: the module runs under DeepSpeed's launcher (--module) with this many processes."""
 
     def command(self, master_port: int | None = None) -> list[str]:
         if self.ranks == 1:
