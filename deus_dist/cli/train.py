@@ -60,6 +60,7 @@ def launcher_main(prog: str, cls: type, description: str, pipeline, argv: list[s
 
         board = failures.FailureBoard.of_job()
         if not failures.stopped_by_another_rank(board):
+            board = None  # nobody posted: no rank needs the store kept alive
             raise
         return 2
     finally:

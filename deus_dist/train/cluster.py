@@ -162,13 +162,14 @@ def _first_then_others(
     barrier()  # every rank has its result; the markers may go
     if env.rank == builder:
         done.unlink(missing_ok=True)
-        heartbeat.unlink(missing_ok=True)
     return result
 
 
 @contextlib.contextmanager
 def _beating(heartbeat: Path):
-    """Touch ``heartbeat`` every HEARTBEAT_S seconds from a thread while the body runs."""
+    """Touch ``heartbeat`` every HEARTBEAT_S seconds from a thread while the body runs; removed
+    after it (a waiting rank that then sees none waits HEARTBEAT_STALE_S for the done or failed
+    marker, which follows at once)."""
     stop = threading.Event()
 
     def beat():
@@ -187,6 +188,7 @@ def _beating(heartbeat: Path):
     finally:
         stop.set()
         thread.join()
+        heartbeat.unlink(missing_ok=True)
 
 
 def _wait_for(done: Path, failed: Path, heartbeat: Path, builder: int, tag: str, directory: Path) -> None:
