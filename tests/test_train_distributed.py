@@ -312,6 +312,9 @@ def test_export_tool_and_damaged_checkpoints(train_setup, uninterrupted, tmp_pat
     proc = launch(train_args(train_setup, "x", "--max_steps", "8", "--output_dir", damaged), check=False)
     assert proc.returncode == 2
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing or corrupt" in proc.stderr
+    # every rank found it: rank 0 alone prints it, with no rank prefix
+    assert proc.stderr.count("zero_pp_rank_1_mp_rank_00_optim_states.pt is missing or corrupt") == 1
+    assert "error: rank " not in proc.stderr
 
 
 def test_failed_data_build_stops_every_rank_with_its_message(train_setup):
