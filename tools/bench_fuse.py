@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, head_dim=64),
@@ -239,6 +238,10 @@ def main() -> None:
             out = Path(cmd[cmd.index("--out") + 1]) if "--out" in cmd else Path(cmd[2])
             shutil.rmtree(out, ignore_errors=True)
             results[name].append(timed(cmd))
+            if (out / "deus_manifest.json").exists():
+                shutil.copy(out / "deus_manifest.json", work / f"manifest-{out.name}.json")
+            if big:  # 24 GB per 8B output: keep the disk for the next run
+                shutil.rmtree(out, ignore_errors=True)
             print(
                 f"  run {r + 1}/{args.repeats} {name}: {results[name][-1][0]:.1f} s, "
                 f"{results[name][-1][1]:.2f} GB",
@@ -255,7 +258,7 @@ def main() -> None:
             assert ours.read(name).equal(ref.read(name)), name
         print("solar output equals mergekit's passthrough output (names; sampled tensors)")
 
-    opt = work / "out-opt-deus" / "deus_manifest.json"
+    opt = work / "manifest-out-opt-deus.json"
     if "deus-dist opt-deus" in runs and opt.exists():
         diag = json.loads(opt.read_text())["diagnostics"]
         print("\nopt-deus per pair (last run; seconds inside a worker, with its share of the threads):")
