@@ -7,6 +7,7 @@ checkpoint tests; the writing tools run in-process on tiny real models.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,8 @@ def up(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory, up):
     """A run brought up to its first step on one rank: a real ZeRO-3 engine over gloo."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
     from deus_dist.cli.args import parse_config
     from deus_dist.configs import TrainConfig
     from deus_dist.train.run import start
@@ -42,10 +45,19 @@ def one_rank(tmp_path_factory, up):
         root / "run",
         *TRAIN_COMMON,
     ]
+    layout = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in layout}  # init_distributed exports the rank layout
     run = start(parse_config(TrainConfig, [str(a) for a in argv], "cpt.py", ""), log=lambda *a: None)
+    # the engine holds its ZeRO-3 partitions; later in-process model loads must not be partitioned
+    unset_hf_deepspeed_config()
     yield run
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 # -- 2. a torn last line in metrics.jsonl --------------------------------------------------------------
