@@ -41,7 +41,6 @@ from deus_dist.workers import (
     ProcessPool,
     Task,
     WorkerPlan,
-    distributed_world,
     human,
     init_distributed,
     measured_gflops,
@@ -125,8 +124,9 @@ def default_output(cfg: FuseConfig) -> Path:
     return _default_out(model_dir, method.name, method.plan(num_layers, cfg).num_layers_after)
 
 
-def prepare(cfg: FuseConfig) -> Job:
-    """Validate every option against the input and resolve the plan; one UserError lists all problems."""
+def prepare(cfg: FuseConfig, world: int = 1) -> Job:
+    """Validate every option against the input and resolve the plan; one UserError lists all
+    problems. ``world`` > 1: this is one of that many torchrun ranks sharing the new blocks."""
     problems = Problems()
     attempt = problems.attempt
     method = attempt(lambda: get_method(cfg.method))
@@ -158,13 +158,13 @@ def prepare(cfg: FuseConfig) -> Job:
         problems.items += clashes
         if not clashes and out.exists() and not cfg.force:
             problems.append(f"--out: {out} already exists; pass --force to replace it")
-    problems.items += worker_option_problems(cfg)
+    problems.items += worker_option_problems(cfg, world)
     problems.raise_if_any()
     # Last: a method's own checks and whole-model preparation (calibration) cost the most.
     method.prepare(reader, arch, plan, cfg, layers[0])
     tasks = tasks_of(plan)
     block_bytes = 4 * sum(math.prod(reader.tensors[arch.layer_name(0, s)].shape) for s in layers[0])
-    workers = plan_workers(cfg, method, block_bytes, len(tasks))
+    workers = plan_workers(cfg, method, block_bytes, len(tasks), world)
     return Job(
         cfg=cfg,
         model_dir=model_dir,
@@ -313,7 +313,7 @@ def _announce(job: Job, say) -> None:
     )
     if not job.tasks:
         return
-    count = distributed_world() if w.distributed else w.count
+    count = w.count
     where = (
         "torchrun ranks" if w.distributed else ("GPUs" if w.devices[0].startswith("cuda") else "processes")
     )
@@ -332,15 +332,14 @@ def _announce(job: Job, say) -> None:
     say(line)
 
 
-def run(cfg: FuseConfig, log=print) -> Path:
+def run(cfg: FuseConfig, log=print, world: int = 1) -> Path:
     """Validate, write into a temporary directory, verify, rename. Returns the output path.
 
-    Under torchrun every rank validates the same inputs and makes its share of the new blocks;
-    rank 0 writes, verifies and renames."""
-    world = distributed_world()
+    ``world`` > 1 (the fuse tool under torchrun): every rank validates the same inputs and makes
+    its share of the new blocks; rank 0 writes, verifies and renames."""
     rank = init_distributed(cfg.device) if world > 1 else 0
     try:
-        job = prepare(cfg)
+        job = prepare(cfg, world)
         if rank > 0:
             try:
                 block_maker(job).serve()

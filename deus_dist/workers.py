@@ -255,15 +255,19 @@ class Distributed:
 
 
 def distributed_world() -> int:
-    """The torchrun world size (1 when not launched by torchrun)."""
+    """The launcher's world size (1 when not launched by torchrun). Only the fuse tool's own entry
+    point shares its blocks over it: a fuse run inside a training job (the default model) is one
+    rank's work while the others wait."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @dataclass(frozen=True)
 class WorkerPlan:
     count: int
+    """Workers making blocks at once (under torchrun: the ranks, one worker each)."""
     devices: list[str]
-    """One device per worker ("cpu", or "cuda:i" for worker i's GPU)."""
+    """One device per worker of this process ("cpu", or "cuda:i" for worker i's GPU; under
+    torchrun this rank's)."""
     threads: int
     """CPU threads per worker."""
     per_worker_bytes: int
@@ -300,15 +304,16 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def worker_option_problems(cfg) -> list[str]:
-    """--workers settings that cannot work whatever the memory."""
+def worker_option_problems(cfg, world: int = 1) -> list[str]:
+    """--workers settings that cannot work whatever the memory (``world``: torchrun ranks sharing
+    the blocks, 1 when the tool runs alone)."""
     requested = cfg.workers
     if requested is None:
         return []
     if requested < 1:
         return [f"--workers must be at least 1, got {requested}"]
     problems = []
-    if distributed_world() > 1 and requested != 1:
+    if world > 1 and requested != 1:
         problems.append(
             f"--workers {requested}: under torchrun each rank is one worker; set --nproc_per_node instead"
         )
@@ -320,11 +325,10 @@ def worker_option_problems(cfg) -> list[str]:
     return problems
 
 
-def plan_workers(cfg, method, block_bytes: int, tasks: int) -> WorkerPlan:
+def plan_workers(cfg, method, block_bytes: int, tasks: int, world: int = 1) -> WorkerPlan:
     """How many workers make the blocks, on which devices, checked against free memory. A setting
     that cannot fit is refused with the figures; the default takes what fits. The options
     themselves were checked by :func:`worker_option_problems`."""
-    world = distributed_world()
     requested = cfg.workers
     # A worker's peak while making a block, and its finished block waiting for the writer.
     per_worker = method.working_bytes(block_bytes) + block_bytes
@@ -340,7 +344,7 @@ def plan_workers(cfg, method, block_bytes: int, tasks: int) -> WorkerPlan:
             )
         local = int(os.environ.get("LOCAL_RANK", "0"))
         device = f"cuda:{local}" if cuda else "cpu"
-        return WorkerPlan(1, [device], torch.get_num_threads(), per_worker, available, distributed=True)
+        return WorkerPlan(world, [device], torch.get_num_threads(), per_worker, available, distributed=True)
     cap = gpus if cuda else cpu_cores()
     if requested is None:
         count = (

@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(FuseConfig, argv, "fuse_layers.py", DESCRIPTION)
         from deus_dist.upscale import run
+        from deus_dist.workers import distributed_world
 
-        run(cfg)
+        run(cfg, world=distributed_world())
     except UserError as e:
         print(f"fuse_layers.py: error: {e}", file=sys.stderr)
         return 2
