@@ -418,3 +418,41 @@ def uninterrupted(train_setup):
     """6 steps in one go on 2 ranks (global batch 8) under the deepspeed launcher."""
     launch(train_args(train_setup, "full", "--grad_accum", "2", "--max_steps", "6"))
     return train_setup[0] / "full"
+
+
+def lm_eval_cli(model, tasks: list[str], include_path, limit: int, batch_size: int, out: Path) -> dict:
+    """lm-eval's own command line on ``model`` (float32, CPU): its results file, as JSON."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "run",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={model},dtype=float32",
+            "--tasks",
+            ",".join(tasks),
+            "--include_path",
+            str(include_path),
+            "--limit",
+            str(limit),
+            "--device",
+            "cpu",
+            "--batch_size",
+            str(batch_size),
+            "--output_path",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=launch_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results,) = Path(out).rglob("results_*.json")
+    return json.loads(results.read_text())

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import fuse, launch_env, load_manifest
+from conftest import fuse, lm_eval_cli, load_manifest
 
 pytestmark = pytest.mark.slow
 PPL_ARGS = ["--max_tokens", "1024", "--seq_len", "256"]
@@ -71,7 +71,9 @@ def test_auction_on_real_pairs_keeps_the_optimum(smollm2_dir, pair):
         arch = architecture_for(reader.config)
         geo = HeadGeometry.from_config(reader.config)
         a, b = (read_block(reader, arch, k, torch.device("cpu")) for k in (pair, pair + 1))
-    cost = sq_dist_from_parts(unit_feature_parts(a, arch, "mlp", 1536), unit_feature_parts(b, arch, "mlp", 1536))
+    cost = sq_dist_from_parts(
+        unit_feature_parts(a, arch, "mlp", 1536), unit_feature_parts(b, arch, "mlp", 1536)
+    )
     optimum, _ = transport_plan(cost, "exact")
     plan, info = transport_plan(cost, "auction")
     identity = float(cost.diagonal().double().sum())
@@ -157,8 +159,6 @@ def test_eval_tasks_scores_are_lm_evals_own_and_function_preserving_upscales_sco
     """The tool's scores equal lm-eval's own command line run on the same task files
     (--include_path) and data; the opt-deus up-scaled model (zero-init: it computes what the base
     computes) scores exactly what the base scores."""
-    import subprocess
-    import sys
 
     from deus_dist.cli.eval_tasks import run
     from deus_dist.configs import EvalTasksConfig
@@ -176,37 +176,7 @@ def test_eval_tasks_scores_are_lm_evals_own_and_function_preserving_upscales_sco
         json.loads(open(ours["deus_dist"]["results_file"]).read())["results"]["piqa"]["acc,none"]
         == ours["results"]["piqa"]["acc,none"]
     )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lm_eval",
-            "run",
-            "--model",
-            "hf",
-            "--model_args",
-            f"pretrained={smollm2_dir},dtype=float32",
-            "--tasks",
-            ",".join(tasks),
-            "--include_path",
-            str(task_dir()),
-            "--limit",
-            "12",
-            "--device",
-            "cpu",
-            "--batch_size",
-            "8",
-            "--output_path",
-            str(tmp_path / "theirs"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=launch_env(),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (theirs_file,) = (tmp_path / "theirs").rglob("results_*.json")
-    theirs = json.loads(theirs_file.read_text())
+    theirs = lm_eval_cli(smollm2_dir, tasks, task_dir(), 12, 8, tmp_path / "theirs")
     assert _scores(ours, tasks) == _scores(theirs, tasks) and len(_scores(ours, tasks)) == 8
     up = run(
         EvalTasksConfig(model=str(default_run), output_path=str(tmp_path / "up"), **common), log=lines.append

@@ -7,13 +7,11 @@ model by the tool and by lm-eval's own command line on the same folder; the scor
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import add_char_tokenizer, launch_env, make_tiny
+from conftest import add_char_tokenizer, lm_eval_cli, make_tiny
 
 pytestmark = pytest.mark.slow  # lm-eval's own command line indexes every task it has (seconds)
 
@@ -89,37 +87,7 @@ def test_user_tasks_score_as_lm_evals_own_command_line(setup, tmp_path):
     table = "\n".join(lines)
     assert "deus_user_mc     test " in table and "arc_easy" in table  # the user's next to a shipped task
     assert ours["n-samples"]["deus_user_mc"]["effective"] == len(QUESTIONS)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lm_eval",
-            "run",
-            "--model",
-            "hf",
-            "--model_args",
-            f"pretrained={model},dtype=float32",
-            "--tasks",
-            "deus_user_mc",
-            "--include_path",
-            str(folder),
-            "--limit",
-            str(len(QUESTIONS)),
-            "--device",
-            "cpu",
-            "--batch_size",
-            "4",
-            "--output_path",
-            str(tmp_path / "theirs"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=launch_env(),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (theirs_file,) = (tmp_path / "theirs").rglob("results_*.json")
-    theirs = json.loads(theirs_file.read_text())
+    theirs = lm_eval_cli(model, ["deus_user_mc"], folder, len(QUESTIONS), 4, tmp_path / "theirs")
     assert _acc(ours, "deus_user_mc") == _acc(theirs, "deus_user_mc")
     assert len(_acc(ours, "deus_user_mc")) == 4  # acc, acc_norm and their stderrs
     assert 0 < _acc(ours, "deus_user_mc")["acc_norm,none"] < 1  # a score, not a degenerate 0 or 1
