@@ -184,8 +184,9 @@ class ProcessPool:
                 index, block, report = self._take()
                 waiting[index] = (block, report)
             block, report = waiting.pop(task.index)
+            # Every block has arrived once the last is handed over: the workers may end gracefully.
+            self.finished = n == len(self.tasks) - 1
             yield task.index, block, report
-        self.finished = True
 
     finished = False
 
