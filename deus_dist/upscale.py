@@ -246,10 +246,10 @@ def write_checkpoint(job: Job, tmp: Path, specs: list[TensorSpec]) -> dict:
             for i, src in enumerate(job.plan.layers):
                 block = None  # inherited: streamed tensor by tensor
                 if src.new:
-                    index, block, report = next(made)
-                    assert index == i, f"block {index} arrived for layer {i}"
+                    task, block, report = next(made)
+                    assert task.index == i, f"block {task.index} arrived for layer {i}"
                     if report is not None:
-                        job.method.reports["-".join(map(str, src.base))] = report
+                        job.method.reports[task.key] = report
                 for s in job.block_suffixes:
                     name = job.arch.layer_name(i, s)
                     if block is not None:
@@ -313,12 +313,11 @@ def _announce(job: Job, say) -> None:
     )
     if not job.tasks:
         return
-    count = w.count
     where = (
         "torchrun ranks" if w.distributed else ("GPUs" if w.devices[0].startswith("cuda") else "processes")
     )
     line = (
-        f"{len(job.tasks)} new block(s), {count} worker(s) ({where}, {w.threads} thread(s) each): about "
+        f"{len(job.tasks)} new block(s), {w.count} worker(s) ({where}, {w.threads} thread(s) each): about "
         f"{human(w.per_worker_bytes)} per worker, {human(w.available_bytes)} free"
     )
     flops = job.method.block_flops()
@@ -327,7 +326,7 @@ def _announce(job: Job, say) -> None:
         if job.device.type == "cpu" and not w.distributed:
             rate *= w.threads / max(1, torch.get_num_threads())
         # Measured: the assignment takes at most as long as the cost product it solves.
-        seconds = math.ceil(len(job.tasks) / count) * 2 * flops / rate
+        seconds = math.ceil(len(job.tasks) / w.count) * 2 * flops / rate
         line += f"; estimated {seconds / 60:.1f} min of arithmetic"
     say(line)
 

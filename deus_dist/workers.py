@@ -1,7 +1,7 @@
 """Where new blocks are computed: in this process, in worker processes, or on torch.distributed ranks.
 
 New blocks are independent of each other, so they are made in parallel while one writer streams the
-output in layer order. Every way yields ``(output index, block, report)`` in the plan's order:
+output in layer order. Every way yields ``(task, block, report)`` in the plan's order:
 
 - ``InProcess`` (one worker): a thread makes the next block while the writer writes, so reading,
   arithmetic and writing overlap;
@@ -51,10 +51,9 @@ def tasks_of(plan) -> list[Task]:
     return [Task(i, tuple(src.base)) for i, src in enumerate(plan.layers) if src.new]
 
 
-def make_block(method, reader: CheckpointReader, arch: Architecture, task: Task, device, sources=None):
+def make_block(method, reader: CheckpointReader, arch: Architecture, task: Task, device):
     """One new block on the CPU, and the method's report for it (or None)."""
-    if sources is None:
-        sources = [read_block(reader, arch, k, device) for k in task.layers]
+    sources = [read_block(reader, arch, k, device) for k in task.layers]
     block = method.new_block(sources, task.layers, arch, device)
     block = {s: t.to("cpu") for s, t in block.items()}
     return block, method.reports.pop(task.key, None)
@@ -80,7 +79,7 @@ class InProcess:
         threading.Thread(target=self._make, args=(task, out), daemon=True, name="deus-fuse-block").start()
         return out
 
-    def __iter__(self) -> Iterator[tuple[int, Block, dict | None]]:
+    def __iter__(self) -> Iterator[tuple[Task, Block, dict | None]]:
         ahead = self._start(self.tasks[0]) if self.tasks else None
         for n, task in enumerate(self.tasks):
             made, error = ahead.get()
@@ -88,7 +87,7 @@ class InProcess:
                 raise error
             ahead = self._start(self.tasks[n + 1]) if n + 1 < len(self.tasks) else None
             block, report = made
-            yield task.index, block, report
+            yield task, block, report
 
     def close(self) -> None:
         pass
@@ -171,7 +170,7 @@ class ProcessPool:
                 raise RuntimeError(f"fuse worker {rank} failed: {kind}: {message}")
             return index, block, report
 
-    def __iter__(self) -> Iterator[tuple[int, Block, dict | None]]:
+    def __iter__(self) -> Iterator[tuple[Task, Block, dict | None]]:
         workers = len(self.procs)
         submitted = 0
         waiting: dict[int, tuple[Block, dict | None]] = {}
@@ -186,7 +185,7 @@ class ProcessPool:
             block, report = waiting.pop(task.index)
             # Every block has arrived once the last is handed over: the workers may end gracefully.
             self.finished = n == len(self.tasks) - 1
-            yield task.index, block, report
+            yield task, block, report
 
     finished = False
 
@@ -226,13 +225,13 @@ class Distributed:
 
     def serve(self) -> None:
         """On ranks > 0: make this rank's blocks and send each to rank 0."""
-        for index, block, report in InProcess(self.method, self.reader, self.arch, self._mine(), self.device):
-            self.dist.send_object_list([index, report], dst=0)
+        for task, block, report in InProcess(self.method, self.reader, self.arch, self._mine(), self.device):
+            self.dist.send_object_list([task.index, report], dst=0)
             for s in self.shapes:
                 self.dist.send(block[s].to(self.wire, torch.float32).contiguous(), dst=0)
             del block
 
-    def __iter__(self) -> Iterator[tuple[int, Block, dict | None]]:
+    def __iter__(self) -> Iterator[tuple[Task, Block, dict | None]]:
         mine = iter(InProcess(self.method, self.reader, self.arch, self._mine(), self.device))
         for n, task in enumerate(self.tasks):
             src = self.owner(n)
@@ -249,7 +248,7 @@ class Distributed:
                 buf = torch.empty(shape, dtype=torch.float32, device=self.wire)
                 self.dist.recv(buf, src=src)
                 block[s] = buf.to("cpu")
-            yield index, block, report
+            yield task, block, report
 
     def close(self) -> None:
         pass
@@ -318,7 +317,7 @@ def worker_option_problems(cfg, world: int = 1) -> list[str]:
         problems.append(
             f"--workers {requested}: under torchrun each rank is one worker; set --nproc_per_node instead"
         )
-    if requested > 1 and getattr(cfg, "ot_cost", "weights") == "activations":
+    if requested > 1 and cfg.ot_cost == "activations":
         problems.append(
             "--workers: --ot_cost activations runs the base model one layer at a time in one process; "
             "use --workers 1 (or --ot_cost weights)"
@@ -346,24 +345,23 @@ def plan_workers(cfg, method, block_bytes: int, tasks: int, world: int = 1) -> W
         local = int(os.environ.get("LOCAL_RANK", "0"))
         device = f"cuda:{local}" if cuda else "cpu"
         return WorkerPlan(world, [device], torch.get_num_threads(), per_worker, available, distributed=True)
-    cap = gpus if cuda else cpu_cores()
+    # On CPUs the workers share the host's memory; on GPUs each has its own device.
+    cap = gpus if cuda else min(cpu_cores(), fit)
     if requested is None:
-        count = (
-            max(1, min(cap, tasks, fit))
-            if method.parallel and getattr(cfg, "ot_cost", "weights") == "weights"
-            else 1
-        )
+        count = max(1, min(cap, tasks)) if method.parallel else 1
     else:
         count = requested
         if cuda and count > gpus:
             raise UserError(
                 f"--workers {count}: only {gpus} GPU(s) visible with --device cuda (one worker per GPU)"
             )
-    if count > max(fit, 1) or fit < 1:
+    sharing = 1 if cuda else count  # workers whose blocks share one device's memory
+    if sharing > fit:
+        where = " on the smallest GPU" if cuda else ""
+        advice = f"use --workers {fit}" if fit >= 1 and not cuda else "use a machine with more memory"
         raise UserError(
             f"--workers {count}: each worker needs about {human(per_worker)} to make a block and "
-            f"{human(available)} is free, room for {fit}; use --workers {max(fit, 1)}"
-            + (" or a machine with more memory" if fit < 1 else "")
+            f"{human(available)} is free{where}, room for {fit}; {advice}"
         )
     devices = [f"cuda:{i}" for i in range(count)] if cuda else ["cpu"] * count
     threads = 1 if cuda else max(1, cpu_cores() // count)

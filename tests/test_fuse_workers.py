@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, fuse, launch, make_tiny
+from deus_dist.errors import UserError
 
 
 def files_without_timings(out: Path) -> dict[str, bytes]:
@@ -127,3 +128,27 @@ def test_a_stopped_run_leaves_no_output_and_no_worker(tmp_path, sig):
     assert not any(Path(f"/proc/{p}").exists() for p in workers)
     if sig == signal.SIGTERM:
         assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_each_gpu_holds_one_worker(base, tmp_path, monkeypatch):
+    """On GPUs the workers do not share memory: eight GPUs with room for one worker each take one
+    worker each (simulated: the device count and free memory are what this machine reports)."""
+    import torch
+
+    from deus_dist import workers
+    from deus_dist.configs import FuseConfig
+    from deus_dist.upscale import prepare
+
+    per_worker = prepare(FuseConfig(model=str(base), out=str(tmp_path / "out"))).workers.per_worker_bytes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(workers, "available_memory", lambda device: int(1.5 * per_worker / 0.9))
+    plan = prepare(FuseConfig(model=str(base), out=str(tmp_path / "out"), device="cuda")).workers
+    assert plan.count == 3 and plan.devices == ["cuda:0", "cuda:1", "cuda:2"]  # one per new block
+    explicit = prepare(FuseConfig(model=str(base), out=str(tmp_path / "out"), device="cuda", workers=3))
+    assert explicit.workers.count == 3
+    monkeypatch.setattr(workers, "available_memory", lambda device: per_worker // 2)
+    with pytest.raises(
+        UserError, match="free on the smallest GPU, room for 0; use a machine with more memory"
+    ):
+        prepare(FuseConfig(model=str(base), out=str(tmp_path / "out"), device="cuda"))

@@ -54,9 +54,10 @@ class Method(ABC):
     options: ClassVar[tuple[str, ...]] = ()
     """The method's own options (FuseConfig fields it reads beyond the common ones); an option of
     another method given with this one is refused (``unused_options``)."""
-    parallel: ClassVar[bool] = False
+    parallel: bool = False
     """Making a block costs more than reading it, so blocks are made by several workers by default
-    (``--workers``); for the others one worker keeps up with the IO."""
+    (``--workers``); for the others one worker keeps up with the IO. A method may decide it in
+    ``prepare`` (opt-deus does not with activation features)."""
 
     def __init__(self) -> None:
         self.reports: dict[str, dict] = {}

@@ -71,6 +71,8 @@ class OptDeus(Method):
 
             ids = calibration_tokens(reader.path, cfg.calib_data, cfg.calib_tokens)
             self.runner = ActivationRunner(reader, arch, ids, torch.device(cfg.device))
+        # Activation features come from running the base model layer by layer in this process.
+        self.parallel = self.runner is None
 
     def new_block(self, sources, layers, arch, device):
         a, b = sources
