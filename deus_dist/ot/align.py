@@ -29,6 +29,7 @@ from deus_dist.ot.solvers import (
     dense,
     pairwise_sq_dist,
     sq_dist_from_parts,
+    sq_norms,
     transport_plan,
 )
 
@@ -145,10 +146,6 @@ def apply_plan(block: dict[str, torch.Tensor], arch: Architecture, space: str, p
         block[suffix] = t
 
 
-def _sq_norms(parts: list[torch.Tensor]) -> torch.Tensor:
-    return sum(p.square().sum(1) for p in parts)
-
-
 def _report(
     plan: torch.Tensor, info: PlanInfo, cost: torch.Tensor, na: torch.Tensor, nb: torch.Tensor, seconds: float
 ) -> SpaceReport:
@@ -166,11 +163,8 @@ def _report(
     else:
         total = 0.0
         for i in range(0, n, ROW_BLOCK):
-            rows = slice(i, i + ROW_BLOCK)
-            c = (na[rows, None] + nb[None, :] - cost[rows]) / (
-                2 * (na[rows, None] * nb[None, :]).sqrt()
-            ).clamp_min(1e-30)
-            total += float((plan[rows].double() * c.double()).sum())
+            rows = ar[i : i + ROW_BLOCK]
+            total += float((plan[rows].double() * cos(rows[:, None], ar[None, :]).double()).sum())
         matched = total / n
     return SpaceReport(
         solver=info.solver,
@@ -187,12 +181,13 @@ def mlp_plan(
     parts_a: list[torch.Tensor], parts_b: list[torch.Tensor], solver: SolverSettings
 ) -> tuple[torch.Tensor, SpaceReport]:
     start = time.perf_counter()
-    cost = sq_dist_from_parts(parts_a, parts_b)
+    na, nb = sq_norms(parts_a), sq_norms(parts_b)
+    cost = sq_dist_from_parts(parts_a, parts_b, norms=(na, nb))
     if cost.is_cuda:
         torch.cuda.synchronize()
     cost_seconds = time.perf_counter() - start
     plan, info = solver.plan(cost)
-    report = _report(plan, info, cost, _sq_norms(parts_a), _sq_norms(parts_b), info.seconds)
+    report = _report(plan, info, cost, na, nb, info.seconds)
     report.cost_seconds = cost_seconds
     return plan, report
 
@@ -247,10 +242,10 @@ def head_plans(
         ).to(cost_q.device)
     else:  # P_q[(a, i), (b, j)] = P_kv[a, b] * inner[a, b][i, j]
         q_plan = (dense(kv_plan)[:, :, None, None] * inner).permute(0, 2, 1, 3).reshape(geo.heads, geo.heads)
-    kv_report = _report(kv_plan, kv_info, kv_cost, (fa_kv**2).sum(1), (fb_kv**2).sum(1), kv_info.seconds)
+    kv_report = _report(kv_plan, kv_info, kv_cost, sq_norms([fa_kv]), sq_norms([fb_kv]), kv_info.seconds)
     q_sharp = 1.0 if q_plan.ndim == 1 else q_plan.max(dim=1).values.mean().item()
     q_info = PlanInfo(inner_solver, inner_seconds, 0, q_sharp, inner_certified if q_plan.ndim == 1 else None)
-    q_report = _report(q_plan, q_info, cost_q, (fa_q**2).sum(1), (fb_q**2).sum(1), inner_seconds)
+    q_report = _report(q_plan, q_info, cost_q, sq_norms([fa_q]), sq_norms([fb_q]), inner_seconds)
     return kv_plan, q_plan, kv_report, q_report
 
 

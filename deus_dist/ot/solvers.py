@@ -267,19 +267,24 @@ def transport_plan(
     return plan, PlanInfo(solver, time.perf_counter() - start, iters, sharpness, certified)
 
 
+def sq_norms(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Each unit's squared feature norm, for features that are the concatenation of ``parts``."""
+    return sum(p.float().square().sum(1) for p in parts)
+
+
 def sq_dist_from_parts(
-    parts_a: list[torch.Tensor], parts_b: list[torch.Tensor], block_rows: int = ROW_BLOCK
+    parts_a: list[torch.Tensor],
+    parts_b: list[torch.Tensor],
+    block_rows: int = ROW_BLOCK,
+    norms: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Squared Euclidean distances [n, n] between units whose features are the concatenation of
     ``parts`` ([n, f_p] each, any strides): one GEMM per part accumulated into the output, built
-    in row blocks, so neither the concatenated features nor a second n x n temporary exist."""
+    in row blocks, so neither the concatenated features nor a second n x n temporary exist.
+    ``norms``: the parts' :func:`sq_norms`, when the caller has them already."""
     n = parts_a[0].shape[0]
     dev = parts_a[0].device
-    na = torch.zeros(n, dtype=torch.float32, device=dev)
-    nb = torch.zeros(n, dtype=torch.float32, device=dev)
-    for x, y in zip(parts_a, parts_b, strict=True):
-        na += x.float().square().sum(1)
-        nb += y.float().square().sum(1)
+    na, nb = norms if norms is not None else (sq_norms(parts_a), sq_norms(parts_b))
     out = torch.empty(n, n, dtype=torch.float32, device=dev)
     for i in range(0, n, block_rows):
         rows = out[i : i + block_rows]
