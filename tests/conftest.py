@@ -216,7 +216,7 @@ def launch_cmd(args, launcher: str = "deepspeed", nproc: int = 2, script: Path |
     """The command line that starts ``script`` (launchers/cpt.py) under ``launcher`` with ``nproc`` ranks."""
     import sys
 
-    from deus_dist.train.dist import free_port
+    from deus_dist.ports import free_port
 
     script = str(script or REPO / "launchers" / "cpt.py")
     port = str(free_port())
@@ -254,7 +254,7 @@ def node_cmds(args, launcher: str, nodes: int = 2, per_node: int = 1) -> list[li
     import sys
     import tempfile
 
-    from deus_dist.train.dist import free_port
+    from deus_dist.ports import free_port
 
     port = str(free_port())
     script = str(REPO / "launchers" / "cpt.py")

@@ -65,7 +65,7 @@ def test_once_per_filesystem_on_two_simulated_nodes(tmp_path):
 
 
 def _port() -> int:
-    from deus_dist.train.dist import free_port
+    from deus_dist.ports import free_port
 
     return free_port()
 

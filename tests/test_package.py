@@ -225,7 +225,7 @@ def test_a_wheel_installed_outside_the_checkout_fuses_and_trains(tmp_path):
     assert str(REPO) not in train.stdout + train.stderr  # nothing was read from the checkout
 
     # the study's form with several ranks: DeepSpeed's launcher starting the module on 2 CPU ranks
-    from deus_dist.train.dist import free_port
+    from deus_dist.ports import free_port
 
     ranks = [python, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port()]
     run(

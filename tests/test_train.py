@@ -446,7 +446,7 @@ def test_precision_fills_the_json_and_contradictions_are_named():
 
 
 def test_flops_per_token_halves_causal_attention():
-    from deus_dist.train.metrics import flops_per_token
+    from deus_dist.flops import flops_per_token
 
     kw = dict(layer_params=[100, 100], head_params=50, hidden=8, seq_len=16, embeddings_train=False)
     attn = 2 * 16 * 8  # QK^T and AV over the lower triangle: half of 4 * seq * hidden

@@ -194,7 +194,7 @@ def test_outputs_are_flushed_to_disk_before_they_are_renamed_into_place(tmp_path
     never leaves a renamed directory whose shards are still in the page cache."""
     import os
 
-    from deus_dist.checkpoint.writer import build_once
+    from deus_dist.atomic import build_once
 
     log: list[tuple[str, str]] = []
     real_fsync, real_rename = os.fsync, os.rename

@@ -1,13 +1,12 @@
-"""Checkpoint IO: lazy reading through the shard index, streaming sharded writing, atomic finalize."""
+"""Checkpoint IO: lazy reading through the shard index, streaming sharded writing."""
 
 from deus_dist.checkpoint.reader import CheckpointReader, TensorInfo
-from deus_dist.checkpoint.writer import ShardedWriter, TensorSpec, atomic_output_dir, copy_aux_files
+from deus_dist.checkpoint.writer import ShardedWriter, TensorSpec, copy_aux_files
 
 __all__ = [
     "CheckpointReader",
     "ShardedWriter",
     "TensorInfo",
     "TensorSpec",
-    "atomic_output_dir",
     "copy_aux_files",
 ]

@@ -33,13 +33,9 @@ def resolve_model_path(value: str, option: str = "--model") -> Path:
         ) from None
 
 
-def checkpoint_dir(value: str | None, option: str = "--model", progress: bool = True) -> Path:
-    """An HF checkpoint directory for an option that reads one: the embedded SmolLM2-135M when
-    ``value`` is None, a hub name fetched, a local path that must hold config.json."""
-    if value is None:
-        from deus_dist.embedded import embedded_model_dir
-
-        return embedded_model_dir(progress=progress)
+def checkpoint_dir(value: str, option: str = "--model") -> Path:
+    """An HF checkpoint directory for an option that reads one: a hub name fetched, or a local path
+    that must hold config.json (defaults are resolved above this layer: embedded.model_or_default)."""
     path = resolve_model_path(value, option)
     if not (path / "config.json").is_file():
         raise UserError(f"{option}: {path} is not an HF checkpoint directory (no config.json)")

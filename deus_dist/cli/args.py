@@ -11,15 +11,11 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import math
 import textwrap
-import types
 import typing
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import yaml
-
+from deus_dist.config_values import convert_value, load_yaml, unwrap_optional
 from deus_dist.errors import UserError
 
 T = TypeVar("T")
@@ -43,59 +39,6 @@ def field_docs(cls: type) -> dict[str, str]:
             ):
                 docs[stmt.target.id] = " ".join(nxt.value.value.split())
     return docs
-
-
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return tp, False
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Coerce a YAML or flag value to the field's type; UserError naming ``key`` if it can't."""
-    inner, optional = _unwrap_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        raise UserError(f"{key}: a value is required")
-    origin = typing.get_origin(inner)
-    try:
-        if origin is Literal:
-            choices = typing.get_args(inner)
-            if value not in choices:
-                raise ValueError(f"choose one of {', '.join(map(str, choices))}")
-            return value
-        if origin is list:
-            (item,) = typing.get_args(inner)
-            if isinstance(value, str):
-                value = [v for v in value.replace(" ", "").split(",") if v != ""]
-            if not isinstance(value, (list, tuple)):
-                raise ValueError("expected a list")
-            return [_convert(v, item, key) for v in value]
-        if inner is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "yes", "1"):
-                return True
-            if str(value).lower() in ("false", "no", "0"):
-                return False
-            raise ValueError("expected true or false")
-        if inner is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError("expected an integer")
-            return int(value)
-        if inner is float:
-            number = float(value)
-            if not math.isfinite(number):  # "nan" passes every comparison a later check makes
-                raise ValueError("expected a finite number")
-            return number
-        if inner is str:
-            return str(value)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{key}: invalid value {value!r} ({e})") from None
-    return value
 
 
 def _section(cls: type, name: str) -> type:
@@ -131,7 +74,7 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
             title = doc if section is not cls else None
             groups[section] = parser.add_argument_group(title) if title else parser
         add = groups[section].add_argument
-        tp, _ = _unwrap_optional(hints[f.name])
+        tp, _ = unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         doc = docs.get(f.name, "")
         help_text = doc if "Default" in doc else f"{doc} (default: {default})"
@@ -155,19 +98,6 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
     return parser
 
 
-def load_yaml(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--config: {path} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"--config: {path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"--config: {path} must hold a mapping of option names to values")
-    return data
-
-
 def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: str) -> T:
     """Fill ``cls`` from ``--config FILE.yaml`` then from flags; report every bad key at once."""
     parser = build_parser(cls, prog, description)
@@ -188,7 +118,7 @@ def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: s
     kwargs = {}
     for key, (value, where) in values.items():
         try:
-            kwargs[key] = _convert(value, hints[key], where)
+            kwargs[key] = convert_value(value, hints[key], where)
         except UserError as e:
             problems.extend(e.problems)
     if problems:

@@ -26,8 +26,9 @@ def run(cfg: EvalConfig) -> dict:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
-    from deus_dist.checkpoint.hub import checkpoint_dir, context_problems, load_tokenizer
+    from deus_dist.checkpoint.hub import context_problems, load_tokenizer
     from deus_dist.data_sources import iter_documents, source_identity
+    from deus_dist.embedded import model_or_default
     from deus_dist.eval.perplexity import perplexity
     from deus_dist.hf_logging import quiet_transformers
     from deus_dist.outputs import Input, output_problems
@@ -41,7 +42,7 @@ def run(cfg: EvalConfig) -> dict:
         problems.append("--device cuda: no CUDA device is visible")
     model_dir = None
     try:
-        model_dir = checkpoint_dir(cfg.model, progress=not cfg.quiet)
+        model_dir = model_or_default(cfg.model, progress=not cfg.quiet)
     except UserError as e:
         problems.extend(e.problems)
     if cfg.data is not None:
@@ -101,7 +102,7 @@ def run(cfg: EvalConfig) -> dict:
     print(f"nll/token   {result.nll:.4f}")
     print(f"perplexity  {result.perplexity:.3f}")
     if cfg.output_json:
-        from deus_dist.checkpoint.writer import write_text_atomic
+        from deus_dist.atomic import write_text_atomic
 
         write_text_atomic(Path(cfg.output_json), json.dumps(report, indent=2) + "\n")
     return report

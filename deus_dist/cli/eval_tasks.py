@@ -28,7 +28,8 @@ examples:
 def run(cfg: EvalTasksConfig, log=print) -> dict:
     import torch
 
-    from deus_dist.checkpoint.hub import checkpoint_dir, load_tokenizer
+    from deus_dist.checkpoint.hub import load_tokenizer
+    from deus_dist.embedded import model_or_default
     from deus_dist.errors import Problems
     from deus_dist.eval import tasks as offline
     from deus_dist.outputs import Input, output_problems
@@ -43,7 +44,7 @@ def run(cfg: EvalTasksConfig, log=print) -> dict:
         problems.append(f"--batch_size takes a number or auto, got {cfg.batch_size!r}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda: no CUDA device is visible")
-    model_dir = problems.attempt(lambda: checkpoint_dir(cfg.model, progress=not cfg.quiet))
+    model_dir = problems.attempt(lambda: model_or_default(cfg.model, progress=not cfg.quiet))
     if model_dir is not None:
         problems.attempt(lambda: load_tokenizer(model_dir))
     # results beside the weights harm no input (the study keeps its scores in the model)

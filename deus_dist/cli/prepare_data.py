@@ -29,7 +29,8 @@ DEFAULT_CACHE = "runs/cpt/data_cache"  # cpt.py's default OUTPUT_DIR/data_cache
 def run(cfg: PrepareDataConfig, log=print) -> Path:
     import time
 
-    from deus_dist.checkpoint.hub import checkpoint_dir, context_problems, model_context
+    from deus_dist.checkpoint.hub import context_problems, model_context
+    from deus_dist.embedded import model_or_default
     from deus_dist.errors import Problems
     from deus_dist.outputs import Input, output_problems
     from deus_dist.train.data import build_packed, cache_folder, data_spec, open_packed
@@ -39,7 +40,7 @@ def run(cfg: PrepareDataConfig, log=print) -> Path:
         problems.append(f"--num_proc must be positive, got {cfg.num_proc}")
     if not 0 < cfg.eval_fraction < 1:
         problems.append(f"--eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
-    model_dir = problems.attempt(lambda: checkpoint_dir(cfg.model, progress=not cfg.quiet))
+    model_dir = problems.attempt(lambda: model_or_default(cfg.model, progress=not cfg.quiet))
     # the default never exceeds the model's context; a --seq_len that does is an error
     seq_len = cfg.seq_len or min(DEFAULT_SEQ_LEN, (model_dir and model_context(model_dir)) or DEFAULT_SEQ_LEN)
     if seq_len < 2:

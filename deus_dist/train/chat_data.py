@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deus_dist.checkpoint.writer import build_once
+from deus_dist.atomic import build_once
 from deus_dist.data_sources import Source, open_dataset, source_identity
 from deus_dist.errors import UserError
 from deus_dist.hf_logging import quiet_transformers

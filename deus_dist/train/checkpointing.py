@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deus_dist.checkpoint.writer import build_once, fsync_tree, replace_dir, write_text_atomic
+from deus_dist.atomic import build_once, fsync_tree, replace_dir, write_text_atomic
 from deus_dist.errors import CheckpointError, UserError
 from deus_dist.train.dist import DistEnv, barrier
 

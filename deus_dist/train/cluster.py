@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import torch
 
-from deus_dist.checkpoint.writer import write_text_atomic
+from deus_dist.atomic import write_text_atomic
 from deus_dist.errors import UserError
 from deus_dist.train.dist import DistEnv, barrier
 

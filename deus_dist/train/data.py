@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deus_dist.checkpoint.writer import build_once
+from deus_dist.atomic import build_once
 from deus_dist.data_sources import Source, open_dataset, source_identity
 from deus_dist.errors import UserError
 

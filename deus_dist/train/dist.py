@@ -11,7 +11,6 @@ The backend is NCCL on CUDA and gloo on CPU.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import uuid
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from deus_dist.errors import UserError
+from deus_dist.ports import free_port
 
 
 @dataclass(frozen=True)
@@ -35,12 +35,6 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _slurm_master() -> str:

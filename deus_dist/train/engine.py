@@ -20,7 +20,7 @@ from deus_dist.architectures import Architecture, architecture_for
 from deus_dist.checkpoint import CheckpointReader
 from deus_dist.checkpoint.hub import context_problems, is_hub_name, resolve_model_path
 from deus_dist.checkpoint.manifest import read_manifest
-from deus_dist.configs import FuseConfig, TrainConfig
+from deus_dist.configs import FuseConfig, TrainConfig, device_defaults
 from deus_dist.errors import Problems, UserError
 from deus_dist.hf_logging import quiet_transformers
 from deus_dist.train import checkpointing
@@ -105,8 +105,6 @@ def resolve_model(value: str | None, env: DistEnv, log=print) -> Path:
     return Path(value).expanduser()
 
 
-GPU_DEFAULTS = {"seq_len": 2048, "micro_batch": 4, "grad_accum": 8}
-CPU_DEFAULTS = {"seq_len": 256, "micro_batch": 1, "grad_accum": 1}
 EMBEDDED_DEMO_STEPS = 10
 
 
@@ -116,7 +114,7 @@ def with_defaults(
     """(cfg, notes, problems): fill the options whose defaults depend on the device, or, on a
     resume, on the checkpoint: its --seq_len and --micro_batch, and the --grad_accum that keeps its
     global batch on this world size."""
-    defaults = GPU_DEFAULTS if cuda else CPU_DEFAULTS
+    defaults = device_defaults(cuda)
     saved = resumed.options if resumed is not None else {}
     fill, notes, problems = {}, [], []
     for key in ("seq_len", "micro_batch"):

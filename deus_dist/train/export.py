@@ -16,11 +16,11 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from deus_dist.atomic import atomic_output_dir
 from deus_dist.checkpoint import (
     CheckpointReader,
     ShardedWriter,
     TensorSpec,
-    atomic_output_dir,
     copy_aux_files,
 )
 from deus_dist.checkpoint.manifest import MANIFEST_NAME

@@ -126,10 +126,11 @@ def _check_outputs(cfg: TrainConfig) -> None:
 
 def train_and_export(run: Run, log=print):
     """The loop, then ``RUN_DIR/final`` when the schedule finished; returns the loop's Outcome."""
+    from deus_dist.flops import flops_per_token
     from deus_dist.train import checkpointing, engine, loop
     from deus_dist.train.cluster import main_then_others
     from deus_dist.train.export import export_checkpoint
-    from deus_dist.train.metrics import flops_per_token, peak_flops
+    from deus_dist.train.metrics import peak_flops
 
     plan, env, say, cfg = run.plan, run.env, run.say, run.plan.cfg
     layers, trainable, head = engine.layer_param_counts(plan, run.engine.module)
