@@ -6,6 +6,37 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 
+def _at_least(cfg, low: int, *names: str) -> list[str]:
+    """``--name must be at least low`` for each given (not None) option below ``low``."""
+    values = [(n, getattr(cfg, n)) for n in names]
+    return [f"--{n} must be at least {low}, got {v}" for n, v in values if v is not None and v < low]
+
+
+def _positive(cfg, *names: str) -> list[str]:
+    """``--name must be positive`` for each given (not None) option below 1."""
+    values = [(n, getattr(cfg, n)) for n in names]
+    return [f"--{n} must be positive, got {v}" for n, v in values if v is not None and v < 1]
+
+
+def _open_unit(cfg, *names: str) -> list[str]:
+    """``--name must be in (0, 1)`` for each given option outside the open unit interval."""
+    return [f"--{n} must be in (0, 1), got {getattr(cfg, n)}" for n in names if not 0 < getattr(cfg, n) < 1]
+
+
+class Checked:
+    """A config whose option values are checked by ``problems()``: every section (base class) of the
+    config adds the range checks of its own fields in ``_range_problems``; inputs (files, models,
+    checkpoints) are checked by the entry point, against the values."""
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        for klass in reversed(type(self).__mro__):
+            own = klass.__dict__.get("_range_problems")
+            if own is not None:
+                out += own(self)
+        return out
+
+
 @dataclass
 class FuseConfig:
     """Options of ``tools/fuse_layers.py``."""
@@ -79,7 +110,7 @@ class FuseConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Checked):
     """Options of ``tools/eval_ppl.py``."""
 
     model: str | None = None
@@ -107,9 +138,12 @@ class EvalConfig:
     quiet: bool = False
     """No progress bar."""
 
+    def _range_problems(self) -> list[str]:
+        return _at_least(self, 2, "seq_len") + _at_least(self, 1, "batch_size")
+
 
 @dataclass
-class EvalTasksConfig:
+class EvalTasksConfig(Checked):
     """Options of ``tools/eval_tasks.py``."""
 
     model: str | None = None
@@ -138,9 +172,12 @@ class EvalTasksConfig:
     quiet: bool = False
     """No progress bars."""
 
+    def _range_problems(self) -> list[str]:
+        return _positive(self, "limit")
+
 
 @dataclass
-class StudyConfig:
+class StudyConfig(Checked):
     """Options of ``tools/study.py``."""
 
     config: str | None = None
@@ -165,6 +202,9 @@ class StudyConfig:
     """Rebuild report.md, report.json and the plots from the finished cells; run nothing."""
     sbatch_args: str | None = None
     """Extra sbatch options for the training jobs of --launcher slurm (e.g. "--nodes=1 --ntasks-per-node=8")."""
+
+    def _range_problems(self) -> list[str]:
+        return _positive(self, "ranks")
 
 
 # -- training: sections shared by launchers/cpt.py and launchers/sft.py ---------------------------
@@ -198,7 +238,7 @@ class ModelOptions:
 
 
 @dataclass
-class DataOptions:
+class DataOptions(Checked):
     """Data: where it comes from and how it is cached."""
 
     data: str | None = None
@@ -219,6 +259,9 @@ class DataOptions:
     num_proc: int | None = None
     """Tokenizer processes (datasets.map). Default: up to 8 for sources of 20,000 records or more,
     else 1."""
+
+    def _range_problems(self) -> list[str]:
+        return _at_least(self, 2, "seq_len") + _positive(self, "num_proc") + _open_unit(self, "eval_fraction")
 
 
 @dataclass
@@ -268,7 +311,7 @@ def global_batch(micro_batch: int, grad_accum: int, world_size: int) -> int:
 
 
 @dataclass
-class OptimOptions:
+class OptimOptions(Checked):
     """Optimization: batch, schedule and optimizer (global batch = micro_batch * grad_accum * world size)."""
 
     micro_batch: int | None = None
@@ -298,9 +341,19 @@ class OptimOptions:
     seed: int = 0
     """Seed of the data order and of any randomness in training."""
 
+    def _range_problems(self) -> list[str]:
+        out = _at_least(self, 1, "micro_batch", "grad_accum") + _positive(self, "max_steps", "max_tokens")
+        if not 0 <= self.min_lr_ratio <= 1:
+            out.append(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.lr <= 0:
+            out.append(f"--lr must be positive, got {self.lr}")
+        if len(self.adam_betas) != 2:
+            out.append(f"--adam_betas takes two values, got {self.adam_betas}")
+        return out
+
 
 @dataclass
-class CheckpointOptions:
+class CheckpointOptions(Checked):
     """Checkpoints: where a run writes, and how it stops and resumes."""
 
     output_dir: str = "runs/cpt"
@@ -320,9 +373,12 @@ class CheckpointOptions:
     export: bool = True
     """Export OUTPUT_DIR/final (plain HF checkpoint) at the end."""
 
+    def _range_problems(self) -> list[str]:
+        return _positive(self, "stop_at_step")
+
 
 @dataclass
-class RunOptions:
+class RunOptions(Checked):
     """Run: evaluation during training, logging and the process group."""
 
     eval_every: int = 0
@@ -338,6 +394,12 @@ class RunOptions:
     """No progress bar."""
     local_rank: int | None = None
     """Set by the deepspeed launcher; otherwise read from LOCAL_RANK or SLURM_LOCALID."""
+
+    def _range_problems(self) -> list[str]:
+        out = _at_least(self, 1, "log_every")
+        if self.dist_timeout <= 0:
+            out.append(f"--dist_timeout must be positive, got {self.dist_timeout}")
+        return out
 
 
 @dataclass

@@ -89,7 +89,7 @@ def test_a_corrupt_metrics_line_in_the_middle_is_refused(tmp_path):
 
 def test_saving_a_step_again_keeps_the_old_copy_when_the_rename_fails(one_rank, monkeypatch):
     run = one_rank
-    root = run.plan.run_dir / "checkpoints"
+    root = run.setup.run_dir / "checkpoints"
     state = run.state
     state.step = 7
     first = checkpointing.save(run.engine, run.env, state, root, keep=0)
@@ -115,7 +115,7 @@ def test_saving_a_step_again_keeps_the_old_copy_when_the_rename_fails(one_rank, 
 
 def test_load_raises_failures_that_are_not_the_checkpoints_as_they_are(one_rank, monkeypatch):
     run = one_rank
-    root = run.plan.run_dir / "checkpoints"
+    root = run.setup.run_dir / "checkpoints"
     run.state.step = 9
     saved = checkpointing.save(run.engine, run.env, run.state, root, keep=0)
     for error in (torch.OutOfMemoryError("CPU out of memory"), RuntimeError("Connection closed by peer")):
@@ -172,16 +172,16 @@ def test_export_refuses_the_run_directory_and_writes_into_a_new_folder_of_it(one
 
     run = one_rank
     run.state.step = 11
-    checkpointing.save(run.engine, run.env, run.state, run.plan.run_dir / "checkpoints", keep=0)
-    ckpts = run.plan.run_dir / "checkpoints"
-    for out in (run.plan.run_dir, ckpts, ckpts / "step-00000011" / "hf"):
+    checkpointing.save(run.engine, run.env, run.state, run.setup.run_dir / "checkpoints", keep=0)
+    ckpts = run.setup.run_dir / "checkpoints"
+    for out in (run.setup.run_dir, ckpts, ckpts / "step-00000011" / "hf"):
         assert main([str(ckpts), str(out), "--force"]) == 2
         err = capsys.readouterr().err
         assert f"OUT_DIR: {out} " in err and "CHECKPOINT_DIR" in err
     assert (ckpts / "step-00000011" / checkpointing.STATE_NAME).is_file()
-    assert (run.plan.run_dir / "data_cache").is_dir()
-    assert main([str(ckpts), str(run.plan.run_dir / "final")]) == 0
-    assert (run.plan.run_dir / "final" / "config.json").is_file()
+    assert (run.setup.run_dir / "data_cache").is_dir()
+    assert main([str(ckpts), str(run.setup.run_dir / "final")]) == 0
+    assert (run.setup.run_dir / "final" / "config.json").is_file()
 
 
 def test_output_checks_name_both_paths():
@@ -328,7 +328,7 @@ def test_nan_and_infinite_numbers_are_refused_where_options_are_parsed(tmp_path)
 def test_a_deepspeed_config_deepspeed_refuses_is_reported_before_data_is_packed(tmp_path, up):
     from deus_dist.cli.args import parse_config
     from deus_dist.configs import TrainConfig
-    from deus_dist.train import engine
+    from deus_dist.train import setup as run_setup
     from deus_dist.train.data import TextPipeline
 
     ds = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
@@ -349,7 +349,7 @@ def test_a_deepspeed_config_deepspeed_refuses_is_reported_before_data_is_packed(
     with pytest.raises(
         UserError, match=r"--ds_config: DeepSpeed refuses stage=7: Input should be 0, 1, 2, 3"
     ):
-        engine.prepare(cfg, 2, False, TextPipeline(), log=lambda *a: None)
+        run_setup.validate(cfg, 2, False, TextPipeline(), log=lambda *a: None)
     assert not (tmp_path / "r" / "data_cache").exists()
 
 

@@ -340,7 +340,7 @@ def test_parquet_and_text_folders_load(tmp_path, up):
 def _checkpoint_of(tmp_path, up, data, *options) -> Path:
     """A run directory holding the trainer state a run with ``options`` would save at step 2 (no
     DeepSpeed files: whatever passes the option checks is then refused for those)."""
-    from deus_dist.train import engine
+    from deus_dist.train import setup as run_setup
 
     run = tmp_path / "run"
     cfg = parse_config(
@@ -361,8 +361,8 @@ def _checkpoint_of(tmp_path, up, data, *options) -> Path:
     )
     from deus_dist.train.data import TextPipeline
 
-    plan = engine.prepare(cfg, 2, False, TextPipeline(), log=lambda *a: None)
-    state = engine.fresh_state(plan, 10)
+    setup = run_setup.validate(cfg, 2, False, TextPipeline(), log=lambda *a: None)
+    state = run_setup.fresh_state(setup, 10)
     state.step, state.consumed = 2, 16
     ckpt = run / "checkpoints" / "step-00000002"
     ckpt.mkdir(parents=True)

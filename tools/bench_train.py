@@ -144,7 +144,7 @@ def plain_run(config, chosen_prefixes, device, lr):
 
 def engine_run(config, chosen_prefixes, batches, device, lr, ds_path, leaf):
     from deus_dist.train.ds_config import load_ds_config, resolve_ds_config
-    from deus_dist.train.engine import load_model, wrap_model
+    from deus_dist.train.model import load_model, wrap_model
 
     ds = resolve_ds_config(
         load_ds_config(ds_path),

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from deus_dist.atomic import build_once, fsync_tree, replace_dir, write_text_atomic
+from deus_dist.configs import global_batch
 from deus_dist.errors import CheckpointError, UserError
 from deus_dist.train.dist import DistEnv, barrier
 
@@ -71,7 +72,9 @@ class TrainState:
         if self.global_batch is not None:
             return self.global_batch
         try:  # checkpoints from before global_batch was recorded
-            return int(self.options["micro_batch"]) * int(self.options["grad_accum"]) * self.world_size
+            return global_batch(
+                int(self.options["micro_batch"]), int(self.options["grad_accum"]), self.world_size
+            )
         except (KeyError, TypeError, ValueError):
             return None
 

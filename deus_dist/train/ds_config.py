@@ -12,6 +12,7 @@ import copy
 import json
 from pathlib import Path
 
+from deus_dist.configs import global_batch
 from deus_dist.errors import UserError
 from deus_dist.resources import default_ds_config  # noqa: F401  (the shipped configs: package data)
 
@@ -77,14 +78,14 @@ def resolve_ds_config(
         "gradient_accumulation_steps",
         problems,
     )
-    global_batch = micro_batch * grad_accum * world_size
-    if cfg.get("train_batch_size", "auto") not in ("auto", global_batch):
+    batch = global_batch(micro_batch, grad_accum, world_size)
+    if cfg.get("train_batch_size", "auto") not in ("auto", batch):
         problems.append(
             f"train_batch_size={cfg['train_batch_size']} in --ds_config is not --micro_batch * --grad_accum"
-            f" * world size = {micro_batch} * {grad_accum} * {world_size} = {global_batch}; set it to "
+            f" * world size = {micro_batch} * {grad_accum} * {world_size} = {batch}; set it to "
             '"auto" or change --micro_batch/--grad_accum'
         )
-    cfg["train_batch_size"] = global_batch
+    cfg["train_batch_size"] = batch
     _fill(cfg, "gradient_clipping", grad_clip, "--grad_clip", "gradient_clipping", problems)
     if "scheduler" in cfg:
         problems.append(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from deus_dist.configs import TrainConfig
+from deus_dist.configs import TrainConfig, global_batch
 from deus_dist.train import checkpointing
 from deus_dist.train.checkpointing import TrainState
 from deus_dist.train.data import PackedData
@@ -102,7 +102,7 @@ def train(
 
     metrics = Metrics(run_dir, env.is_main, state.step)
     ckpt_root = run_dir / "checkpoints"
-    global_batch = cfg.micro_batch * cfg.grad_accum * env.world_size
+    per_step = global_batch(cfg.micro_batch, cfg.grad_accum, env.world_size)
     stop = StopRequest()
     bar = tqdm(
         total=state.total_steps,
@@ -125,7 +125,7 @@ def train(
             # per-sequence or per-micro-batch means, which would reweight conversations by length):
             # each micro-batch returns its sum over this share of the step's targets, and
             # DeepSpeed's 1/grad_accum and the mean over ranks make it a mean over all of them.
-            share = max(1, data.targets(state.consumed, global_batch)) / (cfg.grad_accum * env.world_size)
+            share = max(1, data.targets(state.consumed, per_step)) / (cfg.grad_accum * env.world_size)
             losses = []
             for micro in range(cfg.grad_accum):
                 position = state.consumed + (micro * env.world_size + env.rank) * cfg.micro_batch
@@ -136,10 +136,10 @@ def train(
                 losses.append(loss.detach())
             loss = all_mean(torch.stack(losses).float().mean().item(), env)  # syncs the device too
             seconds = time.perf_counter() - start
-            state.step, state.consumed = step, state.consumed + global_batch
-            state.tokens += global_batch * cfg.seq_len
+            state.step, state.consumed = step, state.consumed + per_step
+            state.tokens += per_step * cfg.seq_len
             grad_norm = engine.get_global_grad_norm()
-            tokens_per_s = global_batch * cfg.seq_len / seconds
+            tokens_per_s = per_step * cfg.seq_len / seconds
             record = {
                 "step": step,
                 "loss": loss,

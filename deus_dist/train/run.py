@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # the runtime imports wait for start(): torch and DeepSpeed l
     from deus_dist.train.checkpointing import TrainState
     from deus_dist.train.data import PackedData
     from deus_dist.train.dist import DistEnv
-    from deus_dist.train.engine import Plan
+    from deus_dist.train.setup import TrainSetup
 
 STOPPED_BY_SIGNAL = 3
 """Exit status of a run a signal stopped early, after a complete checkpoint (SLURM requeues on it)."""
@@ -43,7 +43,7 @@ class Run:
     """A run brought up to its first step on this rank."""
 
     env: DistEnv
-    plan: Plan
+    setup: TrainSetup
     """The validated options and what they resolve to."""
     data: PackedData
     engine: Any
@@ -61,56 +61,58 @@ def start(cfg: TrainConfig, pipeline=None, log=print) -> Run:
     import torch
 
     _quiet_known_warnings()
-    from deus_dist.train import checkpointing, engine
+    from deus_dist.train import checkpointing
+    from deus_dist.train import setup as run_setup
     from deus_dist.train.cluster import once_per_filesystem, require_shared
     from deus_dist.train.dist import init_distributed
+    from deus_dist.train.model import build_engine
 
     _check_outputs(cfg)  # before anything is written: require_shared makes --output_dir
     cuda = torch.cuda.is_available()
     env = init_distributed(cfg.local_rank, cfg.dist_timeout)
     say = log if env.is_main else (lambda *a, **k: None)
     require_shared(Path(cfg.output_dir), env, "--output_dir")
-    cfg = dataclasses.replace(cfg, model=str(engine.resolve_model(cfg.model, env, say)))
+    cfg = dataclasses.replace(cfg, model=str(run_setup.resolve_model(cfg.model, env, say)))
     if pipeline is None:
         from deus_dist.train.data import TextPipeline
 
         pipeline = TextPipeline()
-    plan = engine.prepare(cfg, env.world_size, cuda, pipeline, log=say)
-    cfg = plan.cfg
-    data = engine.load_data(plan, env, log=say)
+    setup = run_setup.validate(cfg, env.world_size, cuda, pipeline, log=say)
+    cfg = setup.cfg
+    data = run_setup.load_data(setup, env, log=say)
     if len(data.eval) < env.world_size:
         raise UserError(
             f"--eval_fraction/--eval_data: {len(data.eval)} held-out blocks for {env.world_size} ranks; "
             "hold out more text"
         )
-    if plan.convert:  # another world size wrote it: DeepSpeed's universal format, made once
+    if setup.convert:  # another world size wrote it: DeepSpeed's universal format, made once
         once_per_filesystem(
-            plan.resume_from,
+            setup.resume_from,
             env,
             "universal",
-            lambda: checkpointing.universal_checkpoint(plan.resume_from, say),
+            lambda: checkpointing.universal_checkpoint(setup.resume_from, say),
         )
-    eng, counts = engine.build_engine(plan)
-    total = engine.total_steps(cfg, data, env.world_size)
-    state = engine.fresh_state(plan, total)
-    if plan.resume_from is not None:
-        state = checkpointing.load(eng, env, plan.resume_from, universal=plan.convert)
-        say(f"resumed from {plan.resume_from} at step {state.step} (data position {state.consumed})")
+    eng, counts = build_engine(setup)
+    total = run_setup.total_steps(setup, data)
+    state = run_setup.fresh_state(setup, total)
+    if setup.resume_from is not None:
+        state = checkpointing.load(eng, env, setup.resume_from, universal=setup.convert)
+        say(f"resumed from {setup.resume_from} at step {state.step} (data position {state.consumed})")
         state.world_size, state.global_batch, state.precision = (
             env.world_size,
-            plan.global_batch,
-            plan.precision,
+            setup.global_batch,
+            setup.precision,
         )
         if state.total_steps != total:  # --max_steps/--max_tokens changed: the new length wins
             say(f"schedule length changed from {state.total_steps} to {total} steps")
             state.total_steps = total
     say(
-        f"model {plan.model_dir}: {counts['trainable']:,} of {counts['total']:,} parameters train "
-        f"({len(plan.trainable)} tensors, --trainable {cfg.trainable}); {env.world_size} rank(s) on "
-        f"{env.device.type} in {plan.precision}; {len(data.train)} training blocks of {cfg.seq_len} tokens; "
-        f"global batch {plan.global_batch} ({cfg.micro_batch} x {cfg.grad_accum} x {env.world_size}); {total} steps"
+        f"model {setup.model_dir}: {counts['trainable']:,} of {counts['total']:,} parameters train "
+        f"({len(setup.trainable)} tensors, --trainable {cfg.trainable}); {env.world_size} rank(s) on "
+        f"{env.device.type} in {setup.precision}; {len(data.train)} training blocks of {cfg.seq_len} tokens; "
+        f"global batch {setup.global_batch} ({cfg.micro_batch} x {cfg.grad_accum} x {env.world_size}); {total} steps"
     )
-    return Run(env, plan, data, eng, counts, state, say)
+    return Run(env=env, setup=setup, data=data, engine=eng, counts=counts, state=state, say=say)
 
 
 def _check_outputs(cfg: TrainConfig) -> None:
@@ -126,23 +128,17 @@ def _check_outputs(cfg: TrainConfig) -> None:
 
 def train_and_export(run: Run, log=print):
     """The loop, then ``RUN_DIR/final`` when the schedule finished; returns the loop's Outcome."""
-    from deus_dist.flops import flops_per_token
-    from deus_dist.train import checkpointing, engine, loop
+    from deus_dist.train import checkpointing, loop
+    from deus_dist.train.accounting import trained_flops_per_token
     from deus_dist.train.cluster import main_then_others
     from deus_dist.train.export import export_checkpoint
     from deus_dist.train.metrics import peak_flops
 
-    plan, env, say, cfg = run.plan, run.env, run.say, run.plan.cfg
-    layers, trainable, head = engine.layer_param_counts(plan, run.engine.module)
-    fpt = flops_per_token(
-        layer_params=layers,
-        trainable_layer_params=trainable,
-        head_params=head,
-        hidden=plan.model_config["hidden_size"],
-        seq_len=cfg.seq_len,
-        embeddings_train=any(n in plan.arch.embeddings for n in plan.trainable),
+    setup, env, say, cfg = run.setup, run.env, run.say, run.setup.cfg
+    fpt = trained_flops_per_token(setup, run.engine.module)
+    outcome = loop.train(
+        run.engine, run.data, cfg, env, run.state, setup.run_dir, fpt, peak_flops(env.device)
     )
-    outcome = loop.train(run.engine, run.data, cfg, env, run.state, plan.run_dir, fpt, peak_flops(env.device))
     if outcome.stopped_early:
         why = "on a signal" if outcome.signalled else f"at --stop_at_step {cfg.stop_at_step}"
         say(
@@ -151,18 +147,20 @@ def train_and_export(run: Run, log=print):
         )
         return outcome
     if cfg.export:
-        ckpt = outcome.last_checkpoint or checkpointing.complete_checkpoints(plan.run_dir / "checkpoints")[-1]
+        ckpt = (
+            outcome.last_checkpoint or checkpointing.complete_checkpoints(setup.run_dir / "checkpoints")[-1]
+        )
         # Rank 0 exports while the others wait for it without a collective deadline, so every task
         # of a job ends together (srun ends a step when its first task ends, after --wait).
         main_then_others(
-            plan.run_dir,
+            setup.run_dir,
             env,
             "export",
             lambda: export_checkpoint(
                 ckpt,
-                plan.run_dir / "final",
+                setup.run_dir / "final",
                 force=True,
-                extra_files=plan.pipeline.export_files(plan.data),
+                extra_files=setup.pipeline.export_files(setup.data),
                 log=say,
             ),
         )
