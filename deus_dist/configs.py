@@ -173,7 +173,10 @@ class EvalTasksConfig(Checked):
     """No progress bars."""
 
     def _range_problems(self) -> list[str]:
-        return _positive(self, "limit")
+        out = _at_least(self, 0, "num_fewshot") + _positive(self, "limit")
+        if self.batch_size is not None and self.batch_size != "auto" and not str(self.batch_size).isdigit():
+            out.append(f"--batch_size takes a number or auto, got {self.batch_size!r}")
+        return out
 
 
 @dataclass

@@ -36,12 +36,7 @@ def run(cfg: EvalTasksConfig, log=print) -> dict:
 
     problems = Problems()
     names = problems.attempt(lambda: offline.resolve_tasks(cfg.tasks, include_path=cfg.include_path))
-    if cfg.num_fewshot < 0:
-        problems.append(f"--num_fewshot must be 0 or more, got {cfg.num_fewshot}")
-    if cfg.limit is not None and cfg.limit < 1:
-        problems.append(f"--limit must be positive, got {cfg.limit}")
-    if cfg.batch_size is not None and cfg.batch_size != "auto" and not str(cfg.batch_size).isdigit():
-        problems.append(f"--batch_size takes a number or auto, got {cfg.batch_size!r}")
+    problems.items += cfg.problems()
     if cfg.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda: no CUDA device is visible")
     model_dir = problems.attempt(lambda: model_or_default(cfg.model, progress=not cfg.quiet))
