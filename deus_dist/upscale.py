@@ -124,7 +124,7 @@ def default_output(cfg: FuseConfig) -> Path:
     return _default_out(model_dir, method.name, method.plan(num_layers, cfg).num_layers_after)
 
 
-def prepare(cfg: FuseConfig, world: int = 1) -> Job:
+def validate(cfg: FuseConfig, world: int = 1) -> Job:
     """Validate every option against the input and resolve the plan; one UserError lists all
     problems. ``world`` > 1: this is one of that many torchrun ranks sharing the new blocks."""
     problems = Problems()
@@ -338,7 +338,7 @@ def run(cfg: FuseConfig, log=print, world: int = 1) -> Path:
     its share of the new blocks; rank 0 writes, verifies and renames."""
     rank = init_distributed(cfg.device) if world > 1 else 0
     try:
-        job = prepare(cfg, world)
+        job = validate(cfg, world)
         if rank > 0:
             try:
                 block_maker(job).serve()

@@ -71,9 +71,9 @@ def test_bad_worker_settings(base, tmp_path, capsys, args, needle):
 def test_more_workers_than_memory_allows_is_refused_with_the_figures(base, tmp_path, capsys, monkeypatch):
     from deus_dist import workers
     from deus_dist.configs import FuseConfig
-    from deus_dist.upscale import prepare
+    from deus_dist.upscale import validate
 
-    per_worker = prepare(FuseConfig(model=str(base), out=str(tmp_path / "out"))).workers.per_worker_bytes
+    per_worker = validate(FuseConfig(model=str(base), out=str(tmp_path / "out"))).workers.per_worker_bytes
     # A machine whose free memory holds one worker's blocks and cost, not two.
     monkeypatch.setattr(workers, "available_memory", lambda device: int(1.5 * per_worker / 0.9))
     assert fuse("--model", base, "--out", tmp_path / "out", "--workers", "2") == 2
@@ -137,9 +137,9 @@ def test_each_gpu_holds_one_worker(base, tmp_path, monkeypatch):
 
     from deus_dist import workers
     from deus_dist.configs import FuseConfig
-    from deus_dist.upscale import prepare
+    from deus_dist.upscale import validate
 
-    per_worker = prepare(FuseConfig(model=str(base), out=str(tmp_path / "out"))).workers.per_worker_bytes
+    per_worker = validate(FuseConfig(model=str(base), out=str(tmp_path / "out"))).workers.per_worker_bytes
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setattr(workers, "available_memory", lambda device: int(1.5 * per_worker / 0.9))
