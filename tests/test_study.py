@@ -214,17 +214,17 @@ def test_a_study_runs_resumes_and_reports(tiny, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     held = tiny[3]
-    again = report["arms"]["llama-pro-again"]["ppl"][str(held)]
+    again = report["arms"]["llama-pro-again"]["ppl"][held.stem]  # a set is named by its file's stem
     assert again["diff"]["verdict"] == "no difference" and again["diff"]["nats"] == 0.0
     base = report["arms"]["llama-pro"]
     assert base["layers"] == [8] and base["steps"] == [4] and base["seeds"] == [0, 1]
     assert (
-        base["ppl"][str(held)]["ppl_low"] < base["ppl"][str(held)]["ppl"] < base["ppl"][str(held)]["ppl_high"]
+        base["ppl"][held.stem]["ppl_low"] < base["ppl"][held.stem]["ppl"] < base["ppl"][held.stem]["ppl_high"]
     )
-    assert base["step0_ppl"][str(held)] > base["ppl"][str(held)]["ppl"] > 1  # training helped
+    assert base["step0_ppl"][held.stem] > base["ppl"][held.stem]["ppl"] > 1  # training helped
     md = (out / "report.md").read_text()
     assert "no difference" in md and "(baseline)" in md
-    for png in ("loss_vs_tokens.png", "loss_vs_seconds.png", f"ppl_{held.name}.png"):
+    for png in ("loss_vs_tokens.png", "loss_vs_seconds.png", f"ppl_{held.stem}.png", "delta_vs_baseline.png"):
         assert (out / png).stat().st_size > 1000
     plan = json.loads((out / "plan.json").read_text())
     assert (

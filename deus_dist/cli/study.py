@@ -16,11 +16,14 @@ tools/eval_ppl.py and tools/eval_tasks.py exactly as a user would. Writes STUDY_
 one folder per cell (keyed by a hash of its settings: reruns skip finished cells and continue
 interrupted ones), and STUDY_DIR/report.md / report.json / plots: perplexity per set with 95%
 intervals over seeds, the paired difference to the baseline with a bootstrap interval ("no
-difference" when it contains zero), task accuracies, speed and memory.
+difference" when it contains zero), per evaluation set, task accuracies, speed and memory. eval:
+ppl takes files and the shipped sets by name (embedded: the held-out tenth of the training
+sample; chat, science, code: other domains; see tools/eval_ppl.py --help); the default study
+scores all four.
 
 examples:
-  python tools/study.py                                   # studies/default.yaml: 2 x 2, two seeds
-  python tools/study.py --quick                           # one seed
+  python tools/study.py                                   # studies/default.yaml: 2 x 2, three seeds
+  python tools/study.py --quick                           # a smoke run: one seed, half the steps
   python tools/study.py --config studies/mine.yaml --dry_run
   python tools/study.py --config studies/mine.yaml --launcher slurm --sbatch_args "--nodes=1"
 """

@@ -33,7 +33,7 @@ from pathlib import Path
 from deus_dist.atomic import write_text_atomic
 from deus_dist.resources import default_ds_config
 from deus_dist.study.budget import ArmPlan, StagePlan
-from deus_dist.study.spec import EMBEDDED_SET, Study
+from deus_dist.study.spec import Study, is_named_set, set_label
 
 VERSION = 1
 MODULES = {
@@ -72,7 +72,8 @@ def flags(options: dict) -> list[str]:
 
 
 def set_name(ppl_set: str) -> str:
-    return "embedded" if ppl_set == EMBEDDED_SET else slug(Path(ppl_set).name)
+    """The set's name in file names, reports and plots (a named set's name, or its file's stem)."""
+    return set_label(ppl_set)
 
 
 @dataclass
@@ -181,7 +182,7 @@ def ppl_step(study: Study, model: Path, ppl_set: str, out: Path) -> Step:
         "output_json": out,
         "seq_len": study.ppl_seq_len,
         "max_tokens": study.ppl_tokens,
-        "data": None if ppl_set == EMBEDDED_SET else Path(ppl_set).expanduser().resolve(),
+        "data": ppl_set if is_named_set(ppl_set) else Path(ppl_set).expanduser().resolve(),
     }
     return tool_step("ppl", MODULES["ppl"], opts, out)
 

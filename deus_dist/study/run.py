@@ -13,7 +13,7 @@ from deus_dist.resources import DEFAULT_STUDY, slurm_script
 from deus_dist.study import cells as C
 from deus_dist.study.budget import ArmPlan, assign_steps, base_shape, plan_arm
 from deus_dist.study.report import write_report
-from deus_dist.study.spec import LAUNCHERS, Study, load_study
+from deus_dist.study.spec import LAUNCHERS, Study, is_named_set, load_study
 
 
 def _base_dir(study: Study, problems: Problems) -> Path | None:
@@ -50,7 +50,7 @@ def prepare(cfg, log=print):
     base = _base_dir(study, problems)
     out = Path(cfg.out or Path("runs") / "study" / Path(config).stem).absolute()
     inputs = [Input("base", base), Input("--config", config), Input("train: data", study.train.get("data"))]
-    inputs += [Input("eval: ppl", s) for s in study.eval_ppl]
+    inputs += [Input("eval: ppl", None if is_named_set(s) else s) for s in study.eval_ppl]
     problems.items += output_problems(out, "--out", "dir", inputs)
     problems.raise_if_any()
     cuda = torch.cuda.is_available()

@@ -5,7 +5,7 @@ base: null                      # the embedded SmolLM2, or an HF directory
 train: {data: null, seq_len: 256, micro_batch: 1, max_steps: 60, lr: 3.0e-4}   # cpt.py options
 budget: flops                   # tokens | flops | seconds: what every arm spends alike
 seeds: [0, 1]
-eval: {ppl: [embedded, other.txt], tasks: [piqa, my_task], include_path: my_tasks/, task_limit: 200}
+eval: {ppl: [embedded, chat, other.txt], tasks: [piqa, my_task], include_path: my_tasks/, task_limit: 200}
 baseline: llama-pro
 arms:
   - {name: opt-deus}                                          # fuse_layers.py options
@@ -50,7 +50,22 @@ TRAIN_OWNED = (
 """cpt.py options the study sets itself for every cell (the rest are the study's to choose)."""
 FUSE_OWNED = ("model", "out", "force", "quiet", "verify")
 EMBEDDED_SET = "embedded"
-"""The ppl set name of the embedded Wikipedia sample's held-out slice."""
+"""The ppl set name of the embedded Wikipedia sample's held-out slice (the in-domain set)."""
+
+
+def is_named_set(ppl_set: str) -> bool:
+    """A shipped evaluation set's name (``deus_dist.embedded.EVAL_SETS``), not a path."""
+    from deus_dist.embedded import EVAL_SETS
+
+    return ppl_set in EVAL_SETS
+
+
+def set_label(ppl_set: str) -> str:
+    """What reports, plots and file names call a set: its name, or its file's stem."""
+    if is_named_set(ppl_set):
+        return ppl_set
+    stem = Path(ppl_set).expanduser().stem or Path(ppl_set).name
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
 
 
 @dataclass(frozen=True)
@@ -151,11 +166,22 @@ def parse_study(data: dict, source: str = "--config") -> Study:
         if key not in EVAL_KEYS:
             problems.append(f"{source}: eval: unknown key {key!r}; valid keys: {', '.join(EVAL_KEYS)}")
     ppl_sets = ev.get("ppl", [EMBEDDED_SET]) or []
-    for s in ppl_sets:
-        if s != EMBEDDED_SET and not Path(str(s)).expanduser().exists():
+    from deus_dist.embedded import EVAL_SETS
+
+    labels: dict[str, str] = {}
+    for s in map(str, ppl_sets):
+        if not is_named_set(s) and not Path(s).expanduser().exists():
             problems.append(
-                f"{source}: eval: ppl set {s} does not exist (a text file or folder, or '{EMBEDDED_SET}')"
+                f"{source}: eval: ppl set {s} does not exist (a text file or folder, or a named set: "
+                f"{', '.join(EVAL_SETS)})"
             )
+        label = set_label(s)
+        if label in labels:
+            problems.append(
+                f"{source}: eval: ppl sets {labels[label]} and {s} are both called {label!r} in the "
+                "report; rename one file"
+            )
+        labels[label] = s
     tasks = ev.get("tasks") or []
     include_path = ev.get("include_path")
     if include_path is not None:
