@@ -20,7 +20,7 @@ from deus_dist.train.chat_data import (
     resolve_template,
     to_conversation,
 )
-from deus_dist.train.data import IGNORE
+from deus_dist.train.pipeline import IGNORE
 
 CONVERSATION = [
     {"role": "user", "content": "Name a prime number."},
@@ -136,7 +136,7 @@ def test_a_packed_conversation_has_the_losses_it_has_alone(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from deus_dist.train.chat_data import RowWriter
-    from deus_dist.train.data import Split
+    from deus_dist.train.pipeline import Split
 
     base = make_tiny(tmp_path / "m")
     model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa").eval()

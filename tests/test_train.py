@@ -16,7 +16,7 @@ from deus_dist.cli.args import parse_config
 from deus_dist.configs import TrainConfig
 from deus_dist.errors import UserError
 from deus_dist.train import checkpointing
-from deus_dist.train.data import prepare_data
+from deus_dist.train.data import TextPipeline
 from deus_dist.train.ds_config import load_ds_config, resolve_ds_config
 from deus_dist.train.loop import lr_at
 from deus_dist.train.trainable import trainable_names
@@ -27,6 +27,13 @@ DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 @pytest.fixture(scope="module")
 def up(tmp_path_factory) -> Path:
     return make_training_model(tmp_path_factory.mktemp("up"))
+
+
+def packed(*, model_dir: Path, cache_root: Path, seed: int, log=print, **options):
+    """The rows cpt.py trains on for these data options: TextPipeline's spec, build and open."""
+    pipeline = TextPipeline()
+    spec = pipeline.spec(TrainConfig(**options), model_dir)
+    return pipeline.open(pipeline.build(spec, model_dir, cache_root, log=log), seed)
 
 
 def cpt(*args) -> int:
@@ -117,13 +124,13 @@ def test_packing_order_and_held_out_split(tmp_path, up):
         cache_root=tmp_path / "cache",
         log=lambda *a: None,
     )
-    a = prepare_data(seed=0, **kw)
-    b = prepare_data(seed=1, **kw)
+    a = packed(seed=0, **kw)
+    b = packed(seed=1, **kw)
     assert len(list((tmp_path / "cache").iterdir())) == 1  # tokenized once: the seed is not in the key
     assert a.train.ids.shape[1] == 32 and len(a.train) > 100 and len(a.eval) > 10
     np.testing.assert_array_equal(a.eval.ids, b.eval.ids)  # held-out documents do not move with --seed
     first = a.batch(0, 4)["input_ids"]
-    np.testing.assert_array_equal(first.numpy(), prepare_data(seed=0, **kw).batch(0, 4)["input_ids"].numpy())
+    np.testing.assert_array_equal(first.numpy(), packed(seed=0, **kw).batch(0, 4)["input_ids"].numpy())
     assert not np.array_equal(first.numpy(), b.batch(0, 4)["input_ids"].numpy())
     assert a.targets(0, 4) == 4 * 31  # every token after the first of a block is a target
     # one epoch visits every block once; position n continues in the next epoch's order
@@ -212,15 +219,15 @@ def test_data_errors_name_their_option(tmp_path, up):
     )
     data = write_wiki_jsonl(tmp_path / "d.jsonl", articles=3)
     with pytest.raises(UserError, match="--text_field: .* has no column 'body'"):
-        prepare_data(data=str(data), text_field="body", **kw)
+        packed(data=str(data), text_field="body", **kw)
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": ""}\n{"text": "   "}\n')
     with pytest.raises(UserError, match="--data: .* no non-empty 'text' texts"):
-        prepare_data(data=str(empty), text_field="text", **kw)
+        packed(data=str(empty), text_field="text", **kw)
     short = tmp_path / "short.jsonl"
     short.write_text('{"text": "tiny"}\n{"text": "also tiny"}\n')
     with pytest.raises(UserError, match="--data: fewer than --seq_len=32 tokens"):
-        prepare_data(data=str(short), text_field="text", **kw)
+        packed(data=str(short), text_field="text", **kw)
     assert not list((tmp_path / "c").iterdir())  # nothing half-made
 
 
@@ -326,12 +333,12 @@ def test_parquet_and_text_folders_load(tmp_path, up):
     for i, t in enumerate(texts):
         (folder / f"{i}.txt").write_text(t)
     kw = dict(eval_data=None, eval_fraction=0.2, seq_len=32, model_dir=up, seed=0, log=lambda *a: None)
-    a = prepare_data(data=str(tmp_path / "d.parquet"), text_field="body", cache_root=tmp_path / "c1", **kw)
-    b = prepare_data(data=str(folder), text_field="text", cache_root=tmp_path / "c2", **kw)
+    a = packed(data=str(tmp_path / "d.parquet"), text_field="body", cache_root=tmp_path / "c1", **kw)
+    b = packed(data=str(folder), text_field="text", cache_root=tmp_path / "c2", **kw)
     assert len(a.train) > 100 and len(b.train) > 100 and len(a.eval) and len(b.eval)
     (folder / "extra.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(UserError, match="--data: .* mixes file kinds"):
-        prepare_data(data=str(folder), text_field="text", cache_root=tmp_path / "c3", **kw)
+        packed(data=str(folder), text_field="text", cache_root=tmp_path / "c3", **kw)
 
 
 # -- resuming: what must match, found before any rank starts ------------------------------------------
@@ -359,8 +366,6 @@ def _checkpoint_of(tmp_path, up, data, *options) -> Path:
         "t",
         "",
     )
-    from deus_dist.train.data import TextPipeline
-
     setup = run_setup.validate(cfg, 2, False, TextPipeline(), log=lambda *a: None)
     state = run_setup.fresh_state(setup, 10)
     state.step, state.consumed = 2, 16

@@ -27,13 +27,15 @@ DEFAULT_CACHE = "runs/cpt/data_cache"  # cpt.py's default OUTPUT_DIR/data_cache
 
 
 def run(cfg: PrepareDataConfig, log=print) -> Path:
+    import dataclasses
     import time
 
     from deus_dist.checkpoint.hub import context_problems, model_context
     from deus_dist.embedded import model_or_default
     from deus_dist.errors import Problems
     from deus_dist.outputs import Input, output_problems
-    from deus_dist.train.data import build_packed, cache_folder, data_spec, open_packed
+    from deus_dist.train.data import TextPipeline
+    from deus_dist.train.pipeline import cache_folder
 
     problems = Problems()
     if cfg.num_proc is not None and cfg.num_proc < 1:
@@ -45,27 +47,18 @@ def run(cfg: PrepareDataConfig, log=print) -> Path:
     seq_len = cfg.seq_len or min(DEFAULT_SEQ_LEN, (model_dir and model_context(model_dir)) or DEFAULT_SEQ_LEN)
     if seq_len < 2:
         problems.append(f"--seq_len must be at least 2, got {seq_len}")
-    spec = None
+    pipeline, spec = TextPipeline(), None
     if model_dir is not None:
         problems.items += context_problems(model_dir, seq_len)
-        spec = problems.attempt(
-            lambda: data_spec(
-                data=cfg.data,
-                eval_data=cfg.eval_data,
-                eval_fraction=cfg.eval_fraction,
-                text_field=cfg.text_field,
-                seq_len=seq_len,
-                model_dir=model_dir,
-            )
-        )
+        spec = problems.attempt(lambda: pipeline.spec(dataclasses.replace(cfg, seq_len=seq_len), model_dir))
     root = Path(cfg.data_cache or DEFAULT_CACHE)
     inputs = [Input("--model", model_dir), Input("--data", cfg.data), Input("--eval_data", cfg.eval_data)]
     problems.items += output_problems(root, "--data_cache", "dir", inputs)
     problems.raise_if_any()
     existed = cache_folder(spec, root).exists()
     start = time.perf_counter()
-    folder = build_packed(spec, model_dir, root, num_proc=cfg.num_proc, log=log, progress=not cfg.quiet)
-    data = open_packed(folder, seed=0)
+    folder = pipeline.build(spec, model_dir, root, num_proc=cfg.num_proc, log=log, progress=not cfg.quiet)
+    data = pipeline.open(folder, seed=0)
     if existed:
         log(
             f"already prepared: {folder} ({len(data.train):,} training and {len(data.eval):,} held-out blocks)"

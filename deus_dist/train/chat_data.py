@@ -19,28 +19,34 @@ conversations. Without packing each row holds one conversation, padded; padding 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
-import shutil
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
-from deus_dist.atomic import build_once
 from deus_dist.data_sources import Source, open_dataset, source_identity
 from deus_dist.errors import UserError
 from deus_dist.hf_logging import quiet_transformers
-from deus_dist.train.data import (
+from deus_dist.train.pipeline import (
+    EVAL,
+    EVAL_FRACTION,
     IGNORE,
-    SPLIT_SEED,
+    SEQ_LEN,
+    TOKENIZER,
+    TRAIN,
+    CacheKey,
+    KeyPart,
     PackedData,
+    Spec,
     Split,
-    _num_proc,
-    key_digest,
+    build_cache,
+    map_sources,
+    read_meta,
+    sources_of,
     tokenizer_identity,
 )
 
@@ -70,33 +76,6 @@ PROBE = [
     {"role": "user", "content": "And of Italy?"},
     {"role": "assistant", "content": "Rome."},
 ]
-KEY_OPTIONS = {
-    "train": "--data",
-    "format": "--format",
-    "template": "--chat_template",
-    "train_on_prompt": "--train_on_prompt",
-    "packing": "--packing",
-    "truncation": "--truncation",
-    "eval_fraction": "--eval_data/--eval_fraction",
-    "tokenizer": "--model",
-}
-"""Which option each part of the cache key comes from (a resume that changes one is refused)."""
-
-KEY_FIELDS = (
-    "kind",
-    "train",
-    "eval",
-    "eval_fraction",
-    "format",
-    "template",
-    "train_on_prompt",
-    "packing",
-    "truncation",
-    "seq_len",
-    "tokenizer",
-    "version",
-)
-
 # -- records -> conversations -----------------------------------------------------------------------
 
 
@@ -285,38 +264,31 @@ class ChatEncoder:
 
 
 @dataclass(frozen=True)
-class ChatSpec:
-    train: Source
-    eval: Source | None
-    eval_fraction: float
+class ChatSpec(Spec):
+    """What to encode: the sources, the template and the settings that make up the cache key."""
+
     format: str
     template: str
+    """The template's text (the key holds a digest of it)."""
     train_on_prompt: bool
     packing: bool
     truncation: str
-    seq_len: int
-    tokenizer: str
-
-    @property
-    def key(self) -> dict:
-        return {
-            "kind": "chat",
-            "train": self.train.key,
-            "eval": self.eval.key if self.eval else None,
-            "eval_fraction": None if self.eval else self.eval_fraction,
-            "format": self.format,
-            "template": hashlib.sha256(self.template.encode()).hexdigest()[:16],
-            "train_on_prompt": self.train_on_prompt,
-            "packing": self.packing,
-            "truncation": self.truncation,
-            "seq_len": self.seq_len,
-            "tokenizer": self.tokenizer,
-            "version": FORMAT,
-        }
-
-    @property
-    def digest(self) -> str:
-        return key_digest(self.key)
+    KEY: ClassVar[CacheKey] = CacheKey(
+        KeyPart("kind", None, lambda s: "chat"),
+        TRAIN,
+        KeyPart("format", "--format"),
+        KeyPart(
+            "template", "--chat_template", lambda s: hashlib.sha256(s.template.encode()).hexdigest()[:16]
+        ),
+        KeyPart("train_on_prompt", "--train_on_prompt"),
+        KeyPart("packing", "--packing"),
+        KeyPart("truncation", "--truncation"),
+        EVAL,
+        EVAL_FRACTION,
+        SEQ_LEN,
+        TOKENIZER,
+        KeyPart("version", None, lambda s: FORMAT),
+    )
 
 
 def _chat_source(value: str | None, option: str, split: str) -> Source:
@@ -383,43 +355,40 @@ class RowWriter:
 class ChatPipeline:
     """sft.py's data: conversations -> chat template -> targets on assistant turns -> rows."""
 
-    key_options = KEY_OPTIONS
-    label = "conversations"
+    key_options = ChatSpec.KEY.options
 
     def check_sources(self, cfg) -> None:
-        _chat_source(cfg.data, "--data", "train")
-        if cfg.eval_data:
-            _chat_source(cfg.eval_data, "--eval_data", "heldout")
+        sources_of(cfg, _chat_source)
 
     def spec(self, cfg, model_dir: Path) -> ChatSpec:
         from deus_dist.checkpoint.hub import load_tokenizer
 
-        train = _chat_source(cfg.data, "--data", "train")
-        held = _chat_source(cfg.eval_data, "--eval_data", "heldout") if cfg.eval_data else None
-        if cfg.data is None and cfg.eval_data is None:
-            held = _chat_source(None, "--eval_data", "heldout")
+        train, held = sources_of(cfg, _chat_source)
         tokenizer = load_tokenizer(model_dir)
         template = resolve_template(tokenizer, cfg.chat_template, str(model_dir))
         ChatEncoder(
             tokenizer, template, seq_len=cfg.seq_len, train_on_prompt=False, truncation="turn"
         ).check()
         return ChatSpec(
-            train,
-            held,
-            cfg.eval_fraction,
-            cfg.format,
-            template,
-            cfg.train_on_prompt,
-            cfg.packing,
-            cfg.truncation,
-            cfg.seq_len,
-            tokenizer_identity(model_dir),
+            train=train,
+            eval=held,
+            eval_fraction=cfg.eval_fraction,
+            seq_len=cfg.seq_len,
+            tokenizer=tokenizer_identity(model_dir),
+            format=cfg.format,
+            template=template,
+            train_on_prompt=cfg.train_on_prompt,
+            packing=cfg.packing,
+            truncation=cfg.truncation,
         )
 
     def build(
         self, spec: ChatSpec, model_dir: Path, root: Path, *, num_proc=None, log=print, progress=False
     ) -> Path:
-        def build(tmp: Path) -> None:
+        def fill(tmp: Path, scratch: Path) -> dict:
+            from datasets import Sequence, Value
+            from tqdm import tqdm
+
             from deus_dist.checkpoint.hub import load_tokenizer
 
             start = time.perf_counter()
@@ -439,20 +408,40 @@ class ChatPipeline:
             )
             writers = {n: RowWriter(tmp, n, spec.seq_len, pad, spec.packing) for n in ("train", "eval")}
             stats: Counter = Counter()
-            scratch = tmp / "scratch"
+            mapped = map_sources(
+                spec,
+                _open_chat,
+                lambda ds, src: _record_encoder(
+                    encoder, resolve_format(spec.format, ds.column_names, src.label)
+                ),
+                scratch=scratch,
+                features={
+                    "ids": Sequence(Value("int32")),
+                    "labels": Sequence(Value("int32")),
+                    "held": Value("bool"),
+                    "status": Value("string"),
+                },
+                desc="encoding conversations",
+                num_proc=num_proc,
+                progress=progress,
+            )
             try:
-                sources = [(spec.train, "--data", spec.eval is None)]
-                if spec.eval is not None:
-                    sources.append((spec.eval, "--eval_data", False))
-                for src, option, split_here in sources:
-                    held_default = option == "--eval_data"
-                    for ids, labels, held in _encode_source(
-                        src, option, scratch, spec, encoder, split_here, num_proc, progress, stats
-                    ):
-                        writers["eval" if held or held_default else "train"].add(ids, labels)
+                with quiet_transformers(True):  # the tokenizer warns about texts above model_max_length
+                    for _, _, encoded in mapped:
+                        with tqdm(
+                            total=len(encoded),
+                            desc="laying out rows",
+                            unit="conv",
+                            disable=not progress,
+                            file=sys.stderr,
+                        ) as bar:
+                            for row in encoded:
+                                stats[row["status"]] += 1
+                                if row["ids"]:
+                                    writers["eval" if row["held"] else "train"].add(row["ids"], row["labels"])
+                                bar.update(1)
             finally:
                 rows = {n: w.close() for n, w in writers.items()}
-                shutil.rmtree(scratch, ignore_errors=True)
             for n, w in writers.items():
                 np.save(tmp / f"{n}_lengths.npy", np.asarray(w.lengths, dtype=np.int32))
                 np.save(tmp / f"{n}_counts.npy", np.asarray(w.counts, dtype=np.int64))
@@ -468,7 +457,6 @@ class ChatPipeline:
                 )
             seconds = time.perf_counter() - start
             meta = {
-                **spec.key,
                 "rows": rows,
                 "conversations": {n: w.conversations for n, w in writers.items()},
                 "tokens": {n: w.tokens for n, w in writers.items()},
@@ -476,8 +464,7 @@ class ChatPipeline:
                 "statuses": dict(stats),
                 "seconds": round(seconds, 3),
             }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-            fill = sum(writers["train"].lengths) / max(1, rows["train"] * spec.seq_len)
+            fill_share = sum(writers["train"].lengths) / max(1, rows["train"] * spec.seq_len)
             drops = "; ".join(f"{v} {k}" for k, v in sorted(dropped.items())) or "none"
             log(
                 f"kept {kept:,} of {sum(stats.values()):,} conversations ({stats['cut']:,} cut after their last whole "
@@ -486,11 +473,12 @@ class ChatPipeline:
             )
             log(
                 f"{rows['train']:,} training rows ({writers['train'].conversations:,} conversations, "
-                f"{meta['targets']['train']:,} target tokens, {100 * fill:.0f}% of the rows filled) and "
+                f"{meta['targets']['train']:,} target tokens, {100 * fill_share:.0f}% of the rows filled) and "
                 f"{rows['eval']:,} held-out rows, in {seconds:.1f} s"
             )
+            return meta
 
-        return build_once(Path(root) / spec.digest, build)
+        return build_cache(spec, root, fill)
 
     def export_files(self, spec: ChatSpec) -> dict[str, str]:
         """The exported model carries the template it was trained with."""
@@ -498,7 +486,7 @@ class ChatPipeline:
 
     def open(self, folder: Path, seed: int) -> PackedData:
         folder = Path(folder)
-        meta = json.loads((folder / "meta.json").read_text())
+        meta = read_meta(folder)
         seq_len = meta["seq_len"]
 
         def split(name: str) -> Split:
@@ -517,26 +505,14 @@ class ChatPipeline:
                 counts=np.load(folder / f"{name}_counts.npy"),
             )
 
-        return PackedData(split("train"), split("eval"), seed, {k: meta[k] for k in KEY_FIELDS})
+        return PackedData(split("train"), split("eval"), seed, ChatSpec.KEY.saved(meta))
 
 
-def _encode_source(
-    src, option, scratch, spec: ChatSpec, encoder: ChatEncoder, split_here, num_proc, progress, stats
-):
-    """Yield (ids, labels, held) for every usable conversation of ``src``, in source order."""
-    import datasets
-    from tqdm import tqdm
+def _record_encoder(encoder: ChatEncoder, fmt: str):
+    """``fn(record, held)`` for ``map_sources``: a record's ids, labels and status (why it is
+    dropped, cut or trimmed; a dropped record keeps its row, with no ids, to be counted)."""
 
-    (datasets.enable_progress_bars if progress else datasets.disable_progress_bars)()
-    ds = _open_chat(src, option, scratch)
-    fmt = resolve_format(spec.format, ds.column_names, src.label)
-    total = len(ds)
-    chosen = np.zeros(total, dtype=bool)
-    if split_here and total > 1:
-        n_eval = max(1, math.ceil(total * spec.eval_fraction))
-        chosen[np.random.default_rng(SPLIT_SEED).permutation(total)[:n_eval]] = True
-
-    def encode(record, index):
+    def encode(record, held):
         messages, status = to_conversation(record, fmt)
         ids, labels = [], []
         if messages is not None:
@@ -546,34 +522,6 @@ def _encode_source(
                 ids, labels, cut = [], [], "not rendered incrementally by the template"
             if cut != "ok":
                 status = cut
-        return {"ids": ids, "labels": labels, "held": bool(chosen[index]), "status": status}
+        return {"ids": ids, "labels": labels, "held": bool(held), "status": status}
 
-    procs = _num_proc(num_proc, total)
-    try:
-        with quiet_transformers(True):  # the tokenizer warns about texts above model_max_length
-            encoded = ds.map(
-                encode,
-                with_indices=True,
-                num_proc=procs if procs > 1 else None,
-                remove_columns=ds.column_names,
-                features=datasets.Features(
-                    {
-                        "ids": datasets.Sequence(datasets.Value("int32")),
-                        "labels": datasets.Sequence(datasets.Value("int32")),
-                        "held": datasets.Value("bool"),
-                        "status": datasets.Value("string"),
-                    }
-                ),
-                desc="encoding conversations",
-                load_from_cache_file=False,
-            )
-    finally:
-        datasets.disable_progress_bars()
-    with tqdm(
-        total=len(encoded), desc="laying out rows", unit="conv", disable=not progress, file=sys.stderr
-    ) as bar:
-        for row in encoded:
-            stats[row["status"]] += 1
-            if row["ids"]:
-                yield row["ids"], row["labels"], row["held"]
-            bar.update(1)
+    return encode
