@@ -23,9 +23,9 @@ import torch
 from deus_dist.configs import TrainConfig, global_batch
 from deus_dist.train import checkpointing
 from deus_dist.train.checkpointing import TrainState
-from deus_dist.train.data import PackedData
 from deus_dist.train.dist import DistEnv, all_mean, any_rank
 from deus_dist.train.metrics import Metrics, format_record, peak_memory_gb
+from deus_dist.train.pipeline import PackedData
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:

@@ -20,8 +20,8 @@ from deus_dist.errors import UserError
 
 if TYPE_CHECKING:  # the runtime imports wait for start(): torch and DeepSpeed load slowly
     from deus_dist.train.checkpointing import TrainState
-    from deus_dist.train.data import PackedData
     from deus_dist.train.dist import DistEnv
+    from deus_dist.train.pipeline import DataPipeline, PackedData
     from deus_dist.train.setup import TrainSetup
 
 STOPPED_BY_SIGNAL = 3
@@ -56,7 +56,7 @@ class Run:
     """``log`` on rank 0, nothing elsewhere."""
 
 
-def start(cfg: TrainConfig, pipeline=None, log=print) -> Run:
+def start(cfg: TrainConfig, pipeline: DataPipeline | None = None, log=print) -> Run:
     """``pipeline``: how --data becomes training rows (default: cpt's data.TextPipeline)."""
     import torch
 

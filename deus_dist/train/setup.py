@@ -26,9 +26,9 @@ from deus_dist.configs import FuseConfig, TrainConfig, device_defaults, global_b
 from deus_dist.errors import Problems, UserError
 from deus_dist.train import checkpointing
 from deus_dist.train.cluster import once_per_filesystem
-from deus_dist.train.data import PackedData
 from deus_dist.train.dist import DistEnv
 from deus_dist.train.ds_config import default_ds_config, load_ds_config, precision_name, resolve_ds_config
+from deus_dist.train.pipeline import DataPipeline, PackedData
 from deus_dist.train.trainable import trainable_names
 
 
@@ -51,8 +51,8 @@ class TrainSetup:
     """Fingerprint of --model (checkpointing.model_identity), checked on resume."""
     data: Any
     """The data pipeline's spec: sources and cache key."""
-    pipeline: Any
-    """data.TextPipeline or chat_data.ChatPipeline."""
+    pipeline: DataPipeline
+    """How --data becomes training rows: data.TextPipeline (cpt) or chat_data.ChatPipeline (sft)."""
     world_size: int
     resumed: checkpointing.TrainState | None = None
     """The state of ``resume_from``, read before any rank starts."""
@@ -140,7 +140,7 @@ def with_device_defaults(
     return dataclasses.replace(cfg, **fill), notes, problems
 
 
-def validate(cfg: TrainConfig, world_size: int, cuda: bool, pipeline, log=print) -> TrainSetup:
+def validate(cfg: TrainConfig, world_size: int, cuda: bool, pipeline: DataPipeline, log=print) -> TrainSetup:
     """Validate every option against the inputs and the checkpoint a resume continues (one
     UserError listing every problem). ``cfg.model`` must be a local directory by now; ``pipeline``
     turns ``--data`` into training rows (data.TextPipeline for cpt, chat_data.ChatPipeline for sft)."""
