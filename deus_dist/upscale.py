@@ -120,7 +120,7 @@ def default_output(cfg: FuseConfig) -> Path:
     else:
         model_dir = resolve_model_path(cfg.model)
     with CheckpointReader(model_dir) as reader:
-        num_layers = reader.config.get("num_hidden_layers")
+        num_layers = architecture_for(reader.config).config_value(reader.config, "num_hidden_layers")
     return _default_out(model_dir, method.name, method.plan(num_layers, cfg).num_layers_after)
 
 
@@ -145,9 +145,10 @@ def prepare(cfg: FuseConfig, world: int = 1) -> Job:
     if reader is None or method is None:
         raise UserError(problems.items)
     arch = attempt(lambda: architecture_for(reader.config))
-    num_layers = reader.config.get("num_hidden_layers")
+    layers_key = arch.config_key("num_hidden_layers") if arch else "num_hidden_layers"
+    num_layers = reader.config.get(layers_key)
     if not isinstance(num_layers, int) or num_layers < 1:
-        problems.append(f"--model: config.json has no valid num_hidden_layers ({num_layers!r})")
+        problems.append(f"--model: config.json has no valid {layers_key} ({num_layers!r})")
         arch = None
     layers = attempt(lambda: _check_layers(reader, arch, num_layers)) if arch else None
     plan = attempt(lambda: method.plan(num_layers, cfg)) if arch else None

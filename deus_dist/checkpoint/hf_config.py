@@ -52,7 +52,7 @@ def rewrite_config(
     """
     L = plan.num_layers_before
     new = copy.deepcopy(config)
-    new["num_hidden_layers"] = plan.num_layers_after
+    new[arch.config_key("num_hidden_layers")] = plan.num_layers_after
     for name, values in per_layer.items():
         if len(values) != L:
             raise ValueError(f"config field {name} has {len(values)} entries for {L} layers")

@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 from deus_dist.errors import UserError
 from deus_dist.methods.base import Method, register, zero_outputs
-from deus_dist.ot.align import HeadGeometry, SolverSettings, align_block
+from deus_dist.ot.align import HeadGeometry, SolverSettings, align_block, space_size
 
 
 @register
@@ -58,11 +58,12 @@ class OptDeus(Method):
             raise UserError(problems)
         self.cfg = cfg
         self.arch = arch
-        self.geo = HeadGeometry.from_config(reader.config)
+        self.geo = HeadGeometry.from_config(reader.config, arch)
         self.solver = SolverSettings(cfg.ot_solver, cfg.ot_reg, cfg.ot_max_iter, cfg.ot_tol)
         self.function_preserving = cfg.zero_init
-        mlp = next(s for s, r in arch.block.items() if r.rows == "mlp")
-        self.mlp_units, self.mlp_width = reader.tensors[arch.layer_name(0, mlp)].shape[:2]
+        names = {s: arch.layer_name(0, s) for s in block_suffixes or arch.block}
+        shapes = {s: tuple(reader.tensors[n].shape) for s, n in names.items() if n in reader.tensors}
+        self.mlp_units, self.mlp_width = space_size(arch, shapes, "mlp") or (0, 0)
         self.runner = None
         if cfg.ot_cost == "activations" and cfg.ot_variant == "aligned":
             import torch
