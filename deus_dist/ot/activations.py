@@ -74,20 +74,23 @@ class ActivationRunner:
             config = AutoConfig.from_pretrained(reader.path)
             with init_empty_weights(include_buffers=False):
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        decoder = model.get_decoder()
-        prefix = arch.layer_prefix[: -len("layers.")]  # "model." for "model.layers."
+        # The decoder is the module holding the layer list: "model" for "model.layers.",
+        # "transformer" for GPT-2's "transformer.h."
+        decoder_name, _, layers_attr = arch.layer_prefix.rstrip(".").rpartition(".")
+        decoder = model.get_submodule(decoder_name)
+        prefix = decoder_name + "."
         for name, _ in list(decoder.named_parameters()):
-            if name.startswith("layers."):
+            if name.startswith(layers_attr + "."):
                 continue
             module_name, _, pname = name.rpartition(".")
             module = decoder.get_submodule(module_name)
             value = reader.read(prefix + name).to(device, torch.float32)
             setattr(module, pname, torch.nn.Parameter(value, requires_grad=False))
-        self.layers = list(decoder.layers)
+        self.layers = list(getattr(decoder, layers_attr))
         # One pass with stand-in layers: the hidden states entering layer 0 and the arguments
         # (position embeddings, masks per layer type, ...) the model gives each layer.
         store: list = []
-        decoder.layers = torch.nn.ModuleList(_Capture(store) for _ in self.layers)
+        setattr(decoder, layers_attr, torch.nn.ModuleList(_Capture(store) for _ in self.layers))
         decoder.to(device)
         with torch.no_grad():
             decoder(input_ids=input_ids.to(device), use_cache=False)
@@ -111,11 +114,12 @@ class ActivationRunner:
             for suffix, role in self.arch.block.items():
                 if not suffix.endswith(".weight") or suffix not in block:
                     continue
-                if role.rows in SPACES or role.cols in SPACES:
+                moves_rows = any(sp in SPACES for sp in role.row_spaces)
+                if moves_rows or role.cols in SPACES:
                     module = layer.get_submodule(suffix[: -len(".weight")])
 
-                    def hook(mod, inp, out, suffix=suffix, role=role):
-                        if role.rows in SPACES:
+                    def hook(mod, inp, out, suffix=suffix, moves_rows=moves_rows):
+                        if moves_rows:
                             hooks[suffix] = out.reshape(-1, out.shape[-1]).T.contiguous()
                         else:
                             hooks[suffix] = inp[0].reshape(-1, inp[0].shape[-1])
