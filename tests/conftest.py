@@ -52,7 +52,18 @@ def tiny_config(family: str, **overrides):
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "olmo2"]
+FAMILIES = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma3_text",
+    "gemma2",
+    "olmo2",
+    "phi3",
+    "gpt_neox",
+    "gpt2",
+]
 NEW_FAMILIES = FAMILIES[5:]
 """Families beyond the Llama-shaped five (issue 15): fused, post-norm and GPT-style blocks."""
 

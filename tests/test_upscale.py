@@ -44,9 +44,8 @@ def test_every_family_and_method(tmp_path, family, method):
     manifest = load_manifest(out)
     base_cfg = json.loads((base / "config.json").read_text())
     out_cfg = json.loads((out / "config.json").read_text())
-    L = base_cfg["num_hidden_layers"]
+    L = AutoConfig.from_pretrained(base).num_hidden_layers
     assert manifest["num_layers_before"] == L
-    assert out_cfg["num_hidden_layers"] == manifest["num_layers_after"] == len(manifest["layers"])
     assert manifest["new_layers"] == [e["index"] for e in manifest["layers"] if "base" not in e["source"]]
     assert manifest["method"] == method and manifest["history"] == []
     expected_new = {"solar": L - 2 * (L // 4)}.get(method, L // 2)
@@ -55,7 +54,10 @@ def test_every_family_and_method(tmp_path, family, method):
     # transformers loads it with no missing or unexpected keys
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    assert len(model.model.layers) == out_cfg["num_hidden_layers"]
+    arch = architecture_for(base_cfg)
+    L_out = out_cfg[arch.config_key("num_hidden_layers")]
+    assert L_out == manifest["num_layers_after"] == len(manifest["layers"])
+    assert len(model.get_submodule(arch.layer_prefix.rstrip("."))) == L_out
 
     # per-layer config fields follow the layout (a new block takes its lower source's settings)
     resolved_base = AutoConfig.from_pretrained(base)
@@ -66,7 +68,6 @@ def test_every_family_and_method(tmp_path, family, method):
         assert model.config.layer_types == [base_types[k] for k in lower]
 
     # every output layer holds exactly what the manifest says it came from
-    arch = architecture_for(base_cfg)
     base_sd, out_sd = state_dict(base), state_dict(out)
     for entry in manifest["layers"]:
         want = expected_layer(
