@@ -42,6 +42,19 @@ def tiny_config(family: str, **overrides):
         return tf.Olmo2Config(pad_token_id=0, **kw)
     if family == "phi3":  # fused qkv_proj (GQA) and gate_up_proj, partial rotary
         return tf.Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=1, partial_rotary_factor=0.5, **kw)
+    if family == "bamba":  # Mamba2 layers 0, 1, 4, 5; attention layers 2, 3 (a pair OT can fuse)
+        return tf.BambaConfig(
+            attn_layer_indices=[2, 3],
+            mamba_n_heads=8,
+            mamba_n_groups=2,
+            mamba_d_state=8,
+            mamba_d_conv=4,
+            mamba_chunk_size=16,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=1,
+            **kw,
+        )
     kw.pop("head_dim")
     if family == "gpt_neox":  # fused per-head interleaved query_key_value, parallel residual, rotary on 1/4
         kw.pop("num_key_value_heads")
@@ -66,6 +79,9 @@ FAMILIES = [
 ]
 NEW_FAMILIES = FAMILIES[5:]
 """Families beyond the Llama-shaped five (issue 15): fused, post-norm and GPT-style blocks."""
+HYBRID = "bamba"
+"""A hybrid of state-space and attention layers: only pairs of one layer type fuse, so the
+default placements (which cross types) are tested on their own."""
 
 
 def make_tiny(

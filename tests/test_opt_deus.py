@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import (
+    HYBRID,
     NEW_FAMILIES,
     add_char_tokenizer,
     fuse,
@@ -86,7 +87,7 @@ def model_logits(model, ids) -> torch.Tensor:
         return model.eval()(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("family", NEW_FAMILIES)
+@pytest.mark.parametrize("family", [*NEW_FAMILIES, HYBRID])  # Bamba: K, K+1 are its attention pair
 @pytest.mark.parametrize("cost", ["weights", "activations"])
 def test_permuted_copy_is_recovered_in_every_family(tmp_path, family, cost):
     """Layer K+1 := layer K with every space the description names permuted (fused blocks,

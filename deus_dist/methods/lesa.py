@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from deus_dist.errors import UserError
 from deus_dist.methods.base import Method, register
 
 HIDDEN = 256
@@ -79,6 +80,14 @@ class Lesa(Method):
 
     def prepare(self, reader, arch, plan, cfg, block_suffixes=None):
         from tqdm import tqdm
+
+        typed = sorted({r.layer_type for r in arch.block.values() if r.layer_type is not None})
+        if typed:
+            raise UserError(
+                f"--method lesa: LESA fits one basis per weight type over every layer and predicts a "
+                f"layer from both neighbours, but {arch.family} layers of types {typed} hold different "
+                "tensors; use --method opt-deus, avg or llama-pro"
+            )
 
         suffixes = block_suffixes or [s for s in arch.block if arch.layer_name(0, s) in reader]
         L = plan.num_layers_before

@@ -23,13 +23,15 @@ SPACES = ("mlp", "q_heads", "kv_heads")
 class _Capture(torch.nn.Module):
     """Stands in for a decoder layer: records the arguments the model passes it, changes nothing."""
 
-    def __init__(self, store: list):
+    def __init__(self, store: list, as_tuple: bool = False):
         super().__init__()
         self.store = store
+        self.as_tuple = as_tuple
+        """Return (hidden_states, None), for models that unpack what a layer returns (Bamba)."""
 
     def forward(self, hidden_states, *args, **kwargs):
         self.store.append((hidden_states, args, kwargs))
-        return hidden_states
+        return (hidden_states, None) if self.as_tuple else hidden_states
 
 
 def calibration_tokens(model_dir, data: str | None, tokens: int, seq_len: int = 256) -> torch.Tensor:
@@ -90,10 +92,18 @@ class ActivationRunner:
         # One pass with stand-in layers: the hidden states entering layer 0 and the arguments
         # (position embeddings, masks per layer type, ...) the model gives each layer.
         store: list = []
-        setattr(decoder, layers_attr, torch.nn.ModuleList(_Capture(store) for _ in self.layers))
-        decoder.to(device)
-        with torch.no_grad():
-            decoder(input_ids=input_ids.to(device), use_cache=False)
+        for as_tuple in (False, True):
+            store.clear()
+            stand_ins = torch.nn.ModuleList(_Capture(store, as_tuple) for _ in self.layers)
+            setattr(decoder, layers_attr, stand_ins)
+            decoder.to(device)
+            try:
+                with torch.no_grad():
+                    decoder(input_ids=input_ids.to(device), use_cache=False)
+                break
+            except (ValueError, TypeError):  # the model unpacks a layer's output: stand in with a tuple
+                if as_tuple:
+                    raise
         self.hidden = store[0][0]
         self.layer_args = [(args, kwargs) for _, args, kwargs in store]
         self.next_layer = 0
