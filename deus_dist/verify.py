@@ -27,7 +27,7 @@ def check_keys_and_shapes(model_dir: Path) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     reader = CheckpointReader(model_dir, option="written checkpoint")
-    written = {k: v.shape for k, v in reader.tensors.items()}
+    written = {k: v.shape for k, v in _as_model_names(model, reader.tensors).items()}
     missing = sorted(set(expected) - set(written) - tied)
     unexpected = sorted(set(written) - set(expected))
     wrong = sorted(k for k in set(expected) & set(written) if expected[k] != written[k])
@@ -39,6 +39,20 @@ def check_keys_and_shapes(model_dir: Path) -> None:
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None and len(layer_types) != config.num_hidden_layers:
         raise RuntimeError("written config: layer_types does not have num_hidden_layers entries")
+
+
+def _as_model_names(model, tensors: dict) -> dict:
+    """Checkpoint names as transformers' loader renames them (its checkpoint conversion mapping:
+    GPT-NeoX's ``embed_out`` is the model's ``lm_head``); renamings only."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # an older transformers renames nothing
+        return dict(tensors)
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    if not renamings:
+        return dict(tensors)
+    return {rename_source_key(k, renamings, [])[0]: v for k, v in tensors.items()}
 
 
 def model_bytes_fp32(reader: CheckpointReader) -> int:

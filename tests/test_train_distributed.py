@@ -391,3 +391,32 @@ def test_an_error_only_one_rank_finds_is_printed_by_that_rank_once(train_setup, 
     assert f"rank 1 ({socket.gethostname()}): --data: " in procs[1].stderr
     assert "Traceback" not in out
     assert time.monotonic() - start < 120
+
+
+def test_gpt_neox_trains_resumes_and_exports(tmp_path):
+    """A GPT-style family (GPT-NeoX: fused per-head qkv, LayerNorm biases, parallel residual)
+    under the same engine: only the new layers change, a stopped run resumes to the same weights
+    and the export loads."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_training_model, write_wiki_jsonl
+
+    model = make_training_model(tmp_path, "gpt_neox")
+    setup = (tmp_path, model, write_wiki_jsonl(tmp_path / "wiki.jsonl", articles=4))
+    full = tmp_path / "full"
+    launch(train_args(setup, "full", "--grad_accum", "2", "--max_steps", "4"))
+    launch(train_args(setup, "part", "--grad_accum", "2", "--max_steps", "4", "--stop_at_step", "2"))
+    launch(train_args(setup, "part", "--max_steps", "4"))
+    assert_continues(tmp_path / "part", full, rel=1e-5)
+
+    new = set(load_manifest(model)["new_layers"])
+    base, final = state_dict(model), state_dict(full / "final")
+    changed = {n for n in base if not torch.equal(base[n], final[n])}
+    assert changed and all(any(n.startswith(f"gpt_neox.layers.{i}.") for i in new) for n in changed)
+    for i in new:  # the zero-init output projections and their biases trained
+        assert {
+            f"gpt_neox.layers.{i}.attention.dense.bias",
+            f"gpt_neox.layers.{i}.mlp.dense_4h_to_h.weight",
+        } <= changed
+    _, info = AutoModelForCausalLM.from_pretrained(full / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]

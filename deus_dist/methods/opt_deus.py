@@ -13,7 +13,29 @@ from dataclasses import asdict
 
 from deus_dist.errors import UserError
 from deus_dist.methods.base import Method, register, zero_outputs
-from deus_dist.ot.align import HeadGeometry, SolverSettings, align_block
+from deus_dist.ot.align import HeadGeometry, SolverSettings, align_block, space_size, unaligned_tensors
+
+
+def unaligned_pair_problems(reader, arch, plan) -> list[str]:
+    """New blocks whose source layers hold tensors no transport is defined for (a state-space
+    layer of a hybrid): refused, naming the gaps, rather than fused unaligned."""
+    bad: dict[str, list[int]] = {}
+    tensors: dict[str, list[str]] = {}
+    for src in plan.layers:
+        if not src.new:
+            continue
+        k = src.base[0]
+        unknown = unaligned_tensors(arch, [s for s in arch.block if arch.layer_name(k, s) in reader.tensors])
+        if unknown:
+            kind = arch.block[unknown[0]].layer_type or arch.family
+            bad.setdefault(kind, []).append(k)
+            tensors[kind] = unknown
+    return [
+        f"--method opt-deus: gaps {gaps} join two {kind} layers, whose tensors {tensors[kind][:3]} live in "
+        f"spaces no transport is defined for (see the README's family table); choose --positions "
+        f"between layers of an aligned type, or --method llama-pro / copy for these layers"
+        for kind, gaps in bad.items()
+    ]
 
 
 @register
@@ -54,15 +76,17 @@ class OptDeus(Method):
                 check_supported(block_suffixes or list(arch.block), arch.family)
             except UserError as e:
                 problems.extend(e.problems)
+        problems += unaligned_pair_problems(reader, arch, plan)
         if problems:
             raise UserError(problems)
         self.cfg = cfg
         self.arch = arch
-        self.geo = HeadGeometry.from_config(reader.config)
+        self.geo = HeadGeometry.from_config(reader.config, arch)
         self.solver = SolverSettings(cfg.ot_solver, cfg.ot_reg, cfg.ot_max_iter, cfg.ot_tol)
         self.function_preserving = cfg.zero_init
-        mlp = next(s for s, r in arch.block.items() if r.rows == "mlp")
-        self.mlp_units, self.mlp_width = reader.tensors[arch.layer_name(0, mlp)].shape[:2]
+        names = {s: arch.layer_name(0, s) for s in block_suffixes or arch.block}
+        shapes = {s: tuple(reader.tensors[n].shape) for s, n in names.items() if n in reader.tensors}
+        self.mlp_units, self.mlp_width = space_size(arch, shapes, "mlp") or (0, 0)
         self.runner = None
         if cfg.ot_cost == "activations" and cfg.ot_variant == "aligned":
             import torch
