@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 def layer_param_counts(setup: TrainSetup, model) -> tuple[list[int], list[int], int]:
     """Per-layer parameter counts (all, trainable) and the output head's, for MFU."""
-    n = setup.model_config["num_hidden_layers"]
+    arch, config = setup.arch, setup.model_config
+    n = arch.config_value(config, "num_hidden_layers")
     layers, trainable = [0] * n, [0] * n
     chosen = set(setup.trainable)
     for name, p in model.named_parameters():
@@ -22,7 +23,7 @@ def layer_param_counts(setup: TrainSetup, model) -> tuple[list[int], list[int], 
             numel = getattr(p, "ds_numel", p.numel())
             layers[split[0]] += numel
             trainable[split[0]] += numel if name in chosen else 0
-    head = setup.model_config["vocab_size"] * setup.model_config["hidden_size"]
+    head = arch.config_value(config, "vocab_size") * arch.config_value(config, "hidden_size")
     return layers, trainable, head
 
 
@@ -33,7 +34,7 @@ def trained_flops_per_token(setup: TrainSetup, model) -> float:
         layer_params=layers,
         trainable_layer_params=trainable,
         head_params=head,
-        hidden=setup.model_config["hidden_size"],
+        hidden=setup.arch.config_value(setup.model_config, "hidden_size"),
         seq_len=setup.cfg.seq_len,
         embeddings_train=any(n in setup.arch.embeddings for n in setup.trainable),
     )

@@ -182,7 +182,7 @@ def validate(cfg: TrainConfig, world_size: int, cuda: bool, pipeline: DataPipeli
                 betas=cfg.adam_betas,
                 weight_decay=cfg.weight_decay,
                 grad_clip=cfg.grad_clip,
-                hidden_size=config.get("hidden_size", 1024),
+                hidden_size=(arch.config_value(config, "hidden_size") if arch else None) or 1024,
                 cuda=cuda,
                 precision=cfg.precision,
                 bf16_supported=cuda and torch.cuda.is_bf16_supported(),
