@@ -31,6 +31,7 @@ SPEC = {
     # ZeRO-1/2 first: ZeRO-3's loader replaces F.linear for the rest of the process
     "cases": [
         {"name": "zero1", "stage": 1, "precision": "fp32"},
+        {"name": "zero1", "stage": 1, "precision": "bf16", "grad_accum": 2},  # full gradients kept
         {"name": "zero2", "stage": 2, "precision": "fp32"},
         {"name": "zero2", "stage": 2, "precision": "bf16"},
         {"name": "zero2", "stage": 2, "precision": "fp32", "activation_checkpointing": True},
@@ -70,7 +71,9 @@ def measured(tmp_path_factory):
     "index",
     range(len(SPEC["cases"])),
     ids=lambda i: "-".join(
-        str(v) for k, v in SPEC["cases"][i].items() if k in ("name", "precision", "activation_checkpointing")
+        str(v)
+        for k, v in SPEC["cases"][i].items()
+        if k in ("name", "precision", "activation_checkpointing", "grad_accum")
     ),
 )
 def test_plan_within_10_percent_of_what_the_engine_holds(measured, index):
@@ -82,6 +85,7 @@ def test_plan_within_10_percent_of_what_the_engine_holds(measured, index):
         micro_batch=SPEC["micro_batch"],
         precision=case["precision"],
         activation_checkpointing=case.get("activation_checkpointing", False),
+        grad_accum=case.get("grad_accum", 1),
     )
     sharding = next(s for s in shardings(cuda=False) if s.name == case["name"])
     plan = plan_choice(shape, run, sharding)
@@ -201,3 +205,48 @@ def test_model_option_refuses_layout_options_and_an_empty_manifest(tmp_path, cap
     assert "--placement" in capsys.readouterr().err
     assert main(["--model", str(tmp_path)]) == 2
     assert "lists no new layers" in capsys.readouterr().err
+
+
+def auto(config: dict, memory: float, cuda: bool, world: int = 8, **kw):
+    from deus_dist.train.memory_plan import auto_ds_config
+
+    shape = shape_from_config(config, [])
+    names = {f"model.layers.{i}.mlp.down_proj.weight" for i in range(shape.num_layers // 2, shape.num_layers)}
+    run = (
+        dict(seq_len=2048, micro_batch=4, grad_accum=8, precision="bf16", activation_checkpointing=True) | kw
+    )
+    return auto_ds_config(config, names, world, cuda=cuda, memory_gib=memory, **run)
+
+
+def test_auto_keeps_zero3_when_the_frozen_weights_do_not_fit_one_gpu():
+    from deus_dist.train.memory_plan import BASE_SHAPES
+
+    big = {"model_type": "llama", **BASE_SHAPES["llama-3.1-70b"]}
+    path, why = auto(big, memory=80, cuda=True)
+    assert path.name == "zero3.json" and "zero3" in why and "GiB" in why
+    small = {"model_type": "llama", **BASE_SHAPES["llama-3.2-1b"]}
+    path, why = auto(small, memory=80, cuda=True)
+    assert path.name == "zero1.json", why
+    path, _ = auto(small, memory=80, cuda=False, world=2, seq_len=256, micro_batch=1)
+    assert path.name == "zero1.json" and path.is_file()
+
+
+def test_auto_names_the_shortfall_when_nothing_fits():
+    from deus_dist.errors import UserError
+    from deus_dist.train.memory_plan import BASE_SHAPES
+
+    with pytest.raises(UserError, match=r"--ds_config auto: no shipped config fits 8.0 GiB .* GiB more than"):
+        auto({"model_type": "llama", **BASE_SHAPES["llama-3.1-70b"]}, memory=8, cuda=True)
+
+
+@pytest.mark.distributed
+def test_cpt_with_ds_config_auto_picks_a_cpu_config_and_trains(train_setup):
+    from conftest import launch, read_metrics, train_args
+
+    proc = launch(
+        train_args(train_setup, "auto", "--ds_config", "auto", "--grad_accum", "2", "--max_steps", "2")
+    )
+    assert "--ds_config auto: ds_configs/zero1.json (zero1), the fastest that fits" in proc.stdout, (
+        proc.stdout
+    )
+    assert [r["step"] for r in read_metrics(train_setup[0] / "auto")] == [1, 2]

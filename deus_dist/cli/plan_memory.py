@@ -53,8 +53,11 @@ class PlanMemoryConfig:
     """Tokens per sequence."""
     micro_batch: int = 4
     """Sequences per GPU per forward pass."""
+    grad_accum: int = 8
+    """Micro-batches per optimizer step (ZeRO-1 keeps full gradients between them)."""
     global_batch: int | None = None
-    """Sequences per optimizer step, if fixed: it must split into --micro_batch x GPUs x accumulation."""
+    """Sequences per optimizer step, if fixed: it must split into --micro_batch x GPUs x accumulation
+    (the accumulation is then global_batch / (micro_batch x GPUs), and --grad_accum is not used)."""
     precision: Literal["bf16", "fp32"] = "bf16"
     """Compute precision (bf16: fp32 masters and moments)."""
     activation_checkpointing: bool = False
@@ -83,7 +86,13 @@ def _problems(cfg: PlanMemoryConfig) -> list[str]:
                 problems.append(
                     f"--{name}: --model's manifest already says which layers are new; drop it or use --base"
                 )
-    for name, low in (("gpus_per_node", 1), ("nodes", 1), ("seq_len", 2), ("micro_batch", 1)):
+    for name, low in (
+        ("gpus_per_node", 1),
+        ("nodes", 1),
+        ("seq_len", 2),
+        ("micro_batch", 1),
+        ("grad_accum", 1),
+    ):
         if getattr(cfg, name) < low:
             problems.append(f"--{name} must be at least {low}, got {getattr(cfg, name)}")
     if cfg.gpu_memory <= 0:
@@ -127,11 +136,13 @@ def build(cfg: PlanMemoryConfig):
     problems = _problems(cfg)
     if problems:
         raise UserError(problems)
+    per_step = cfg.micro_batch * cfg.gpus_per_node * cfg.nodes
     run = RunShape(
         gpus_per_node=cfg.gpus_per_node,
         nodes=cfg.nodes,
         seq_len=cfg.seq_len,
         micro_batch=cfg.micro_batch,
+        grad_accum=cfg.global_batch // per_step if cfg.global_batch else cfg.grad_accum,
         precision=cfg.precision,
         activation_checkpointing=cfg.activation_checkpointing,
     )

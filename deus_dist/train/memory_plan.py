@@ -129,12 +129,13 @@ class Sharding:
 
 
 def shardings(cuda: bool = True) -> list[Sharding]:
-    """The choices sized, fastest first; ``cuda=False``: the CPU configs' settings (tests)."""
+    """The choices sized, fastest first, with the settings of their shipped configs; ``cuda=False``:
+    ZeRO-3 as zero3_cpu.json has it (zero1.json and zero2.json serve both)."""
     z3 = "zero3.json" if cuda else "zero3_cpu.json"
     threshold = None if cuda else 0
     return [
-        Sharding("zero1", 1, overlap_comm=cuda),
-        Sharding("zero2", 2, overlap_comm=cuda),
+        Sharding("zero1", 1, config="zero1.json"),
+        Sharding("zero2", 2, config="zero2.json"),
         Sharding("zero3", 3, persistence_threshold=threshold, config=z3),
         Sharding(
             "zero3-offload", 3, offload=True, persistence_threshold=threshold, config="zero3_offload.json"
@@ -187,9 +188,16 @@ class ModelShape:
         return 0 if self.trainable_other else (min(t) if t else self.num_layers)
 
 
-def shape_from_config(config: dict, new_layers: list[int], trainable: str = "new", train_embeddings=False):
+def shape_from_config(
+    config: dict,
+    new_layers: list[int],
+    trainable: str = "new",
+    train_embeddings=False,
+    trainable_names: set[str] | None = None,
+):
     """Exact parameter counts from the transformers model of ``config`` built on the meta device
-    (no memory, any family transformers knows), split by the layers that train."""
+    (no memory, any family transformers knows), split by the layers that train: ``new_layers``
+    (or every layer with ``trainable="all"``), or exactly the parameters in ``trainable_names``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -211,13 +219,18 @@ def shape_from_config(config: dict, new_layers: list[int], trainable: str = "new
         split = arch.split_name(name)
         if split is None:
             other += numel
-            if train_embeddings or trainable == "all":
+            trains = (
+                name in trainable_names
+                if trainable_names is not None
+                else train_embeddings or trainable == "all"
+            )
+            if trains:
                 other_train += numel
                 largest_train = max(largest_train, numel)
             continue
         i, suffix = split
         layer[i] += numel
-        if i in new:
+        if name in trainable_names if trainable_names is not None else i in new:
             train[i] += numel
             largest_train = max(largest_train, numel)
         if p.dim() == 1:
@@ -238,7 +251,7 @@ def shape_from_config(config: dict, new_layers: list[int], trainable: str = "new
         other_params=other,
         trainable_other=other_train,
         norms_per_layer=norms or 2,
-        new_layers=sorted(new),
+        new_layers=sorted(i for i, t in enumerate(train) if t),
         largest_tensor=largest,
         largest_trainable=largest_train,
         params_1d_per_layer=small,
@@ -276,6 +289,8 @@ class RunShape:
     nodes: int = 1
     seq_len: int = 2048
     micro_batch: int = 4
+    grad_accum: int = 1
+    """Micro-batches per step: ZeRO-1 keeps full gradients between them."""
     precision: str = "bf16"
     activation_checkpointing: bool = False
     zero3_leaf_layers: bool = True
@@ -384,8 +399,12 @@ def plan_choice(s: ModelShape, run: RunShape, sh: Sharding) -> ChoicePlan:
     else:
         frozen = s.frozen * e
         trainable = s.trainable * e
-        # ZeRO-1 and ZeRO-2 alike reduce in buckets into this rank's partition (whole parameters)
+        # ZeRO-2 reduces in buckets into this rank's partition (whole parameters); so does ZeRO-1 at
+        # the step's last micro-batch, but before it keeps every full gradient (stage_1_and_2.py's
+        # reduce_ready_partitions_and_remove_grads)
         grads = (_pad(s.trainable, n) + (s.largest_trainable if n > 1 else 0)) * e
+        if sh.stage == 1 and run.grad_accum > 1:
+            grads = s.trainable * e
         optim = _pad(s.trainable, n) * (8 + 4)
         comm = bucket * e * (2 if sh.overlap_comm else 1)
         step_grad = _pad(s.trainable, n) * 4  # the fp32 gradient of the partition, made at the step
@@ -588,3 +607,72 @@ def read_config_json(path: str, option: str) -> dict:
         raise UserError(f"{option}: {p} does not exist") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{option}: {p} is not valid JSON ({e})") from None
+
+
+def auto_ds_config(
+    config: dict,
+    trainable: set[str],
+    world_size: int,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    grad_accum: int,
+    precision: str,
+    activation_checkpointing: bool,
+    cuda: bool,
+    memory_gib: float | None = None,
+    headroom: float = 0.1,
+) -> tuple[Path, str]:
+    """``--ds_config auto``: the shipped config the planner recommends for this run, and why.
+
+    On GPUs it chooses among zero1.json, zero2.json, zero3.json and zero3_offload.json against
+    the first GPU's memory; on CPUs among the CPU configs (zero1.json, zero2.json, zero3_cpu.json)
+    against this machine's memory shared by its ranks, so the same command runs in tests. A model
+    whose frozen weights do not fit on one device gets ZeRO-3, as shipped. Nothing fitting is a
+    UserError naming the shortfall in GiB."""
+    from deus_dist.resources import DS_CONFIGS
+
+    if memory_gib is None:
+        if cuda:
+            import torch
+
+            memory_gib = torch.cuda.get_device_properties(0).total_memory / GiB
+        else:
+            import psutil
+
+            memory_gib = psutil.virtual_memory().total / GiB / world_size
+    shape = shape_from_config(config, [], trainable_names=trainable)
+    run = RunShape(
+        gpus_per_node=world_size,
+        nodes=1,
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        grad_accum=grad_accum,
+        precision=precision,
+        activation_checkpointing=activation_checkpointing,
+    )
+    plan = make_plan(shape, run, gpu_memory_gib=memory_gib, headroom=headroom, cuda=cuda)
+    if not cuda:  # offload moves nothing on a CPU: not a CPU choice
+        plan.choices = [c for c in plan.choices if not c.offload]
+        fitting = [c for c in plan.choices if c.fits]
+        plan.recommended = min(fitting, key=lambda c: SPEED_ORDER.index(c.name)).name if fitting else None
+    where = "GPU" if cuda else f"rank (this machine's memory over {world_size} rank(s))"
+    if plan.recommended is None:
+        best = min(plan.choices, key=lambda c: c.peak)
+        budget = memory_gib * (1 - headroom)
+        raise UserError(
+            f"--ds_config auto: no shipped config fits {memory_gib:.1f} GiB per {where}: the smallest, "
+            f"{best.name}, needs {best.peak / GiB:.1f} GiB, {(best.peak - budget) / GiB:.1f} GiB more than the "
+            f"{budget:.1f} GiB usable; "
+            + "; ".join(
+                plan.reasons[1:] or ["use more GPUs, --activation_checkpointing or a smaller --micro_batch"]
+            )
+        )
+    chosen = next(c for c in plan.choices if c.name == plan.recommended)
+    others = ", ".join(f"{c.name} {c.peak / GiB:.2f}" for c in plan.choices if c is not chosen)
+    why = (
+        f"--ds_config auto: ds_configs/{chosen.config} ({chosen.name}), the fastest that fits: "
+        f"{chosen.peak / GiB:.2f} GiB planned per {where} of {memory_gib:.1f} GiB less {headroom:.0%} headroom "
+        f"(others, GiB: {others})"
+    )
+    return DS_CONFIGS / chosen.config, why

@@ -50,11 +50,11 @@ def tensors_in(obj, depth=0):
 
 
 def ds_config(case: dict, repo: str) -> dict:
-    raw = load_ds_config(os.path.join(repo, "ds_configs", "zero3_cpu.json"))
+    """The shipped config of the case (zero1.json, zero2.json, zero3_cpu.json; offload as
+    zero3_offload.json sets it, with torch's AdamW on the host)."""
+    name = {1: "zero1.json", 2: "zero2.json", 3: "zero3_cpu.json"}[case["stage"]]
+    raw = load_ds_config(os.path.join(repo, "ds_configs", name))
     zero = raw["zero_optimization"]
-    if case["stage"] < 3:
-        zero = {k: v for k, v in zero.items() if not k.startswith("stage3_")}
-    zero["stage"] = case["stage"]
     if case.get("offload"):
         zero["offload_optimizer"] = {"device": "cpu"}
         zero["offload_param"] = {"device": "cpu"}
@@ -67,10 +67,11 @@ def measure(case, spec, env, repo) -> dict:
     from transformers import LlamaConfig
 
     config = LlamaConfig(**spec["config"])
+    accum = case.get("grad_accum", 1)
     ds = resolve_ds_config(
         ds_config(case, repo),
         micro_batch=spec["micro_batch"],
-        grad_accum=1,
+        grad_accum=accum,
         world_size=env.world_size,
         lr=1e-3,
         betas=[0.9, 0.95],
@@ -156,6 +157,9 @@ def measure(case, spec, env, repo) -> dict:
         storages(t for b in getattr(opt, "ipg_buckets", {}).values() for t in tensors_in(b.buffer))
     )
     engine.step()
+    for _ in range(accum - 1):  # the rest of the optimizer step's micro-batches
+        engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)
+        engine.step()
     masters = storages(
         getattr(opt, "fp32_partitioned_groups_flat", None) or opt.single_partition_of_fp32_groups
     )
@@ -166,6 +170,7 @@ def measure(case, spec, env, repo) -> dict:
         "name": case["name"],
         "precision": case["precision"],
         "activation_checkpointing": case.get("activation_checkpointing", False),
+        "grad_accum": accum,
         "frozen_weights": frozen,
         "trainable_weights": sum(trainable.values()),
         "gradients": sum(v for k, v in gradients.items() if k not in trainable),
