@@ -51,37 +51,41 @@ def sft_args(setup, chats, run: str, *extra) -> list:
     ]
 
 
-def test_sft_trains_resumes_and_weighs_every_target_token_alike(train_setup, chats):
+@pytest.mark.parametrize("ds_config", ["zero3_cpu.json", "zero2.json"])
+def test_sft_trains_resumes_and_weighs_every_target_token_alike(train_setup, chats, ds_config):
     """Run A: micro-batch 2, no accumulation. Run B: micro-batch 1, 2 accumulation steps, stopped
     after step 2 and resumed on 1 rank (4 accumulation steps). The same 4 rows make each step in
     both; rows hold different numbers of target tokens, so only a loss that is the mean over every
     target token of the global batch gives both runs the same losses and weights (a mean of
-    per-micro-batch means would not)."""
+    per-micro-batch means would not). Under ZeRO-3 and under ZeRO-2 (frozen weights replicated)."""
     root = train_setup[0]
+    tag = "" if ds_config == "zero3_cpu.json" else "-" + ds_config.split(".")[0]
+    ds = ["--ds_config", REPO / "ds_configs" / ds_config]  # after sft_args' own: the last one wins
+    run_a, run_b = f"sft-a{tag}", f"sft-b{tag}"
     first = launch(
-        sft_args(train_setup, chats, "sft-a", "--micro_batch", "2", "--grad_accum", "1"), script=SFT
+        sft_args(train_setup, chats, run_a, "--micro_batch", "2", "--grad_accum", "1", *ds), script=SFT
     )
     assert "kept" in first.stdout and "training rows" in first.stdout
     launch(
         sft_args(
-            train_setup, chats, "sft-b", "--micro_batch", "1", "--grad_accum", "2", "--stop_at_step", "2"
+            train_setup, chats, run_b, "--micro_batch", "1", "--grad_accum", "2", "--stop_at_step", "2", *ds
         ),
         script=SFT,
     )
-    again = launch(sft_args(train_setup, chats, "sft-b", "--micro_batch", "1"), nproc=1, script=SFT)
+    again = launch(sft_args(train_setup, chats, run_b, "--micro_batch", "1", *ds), nproc=1, script=SFT)
     assert "world size 2 -> 1: --grad_accum 4 keeps the global batch of 4 sequences" in again.stdout
-    a, b = read_metrics(root / "sft-a"), read_metrics(root / "sft-b")
+    a, b = read_metrics(root / run_a), read_metrics(root / run_b)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4), (ra, rb)
     assert a[-1]["loss"] < a[0]["loss"] and "eval_ppl" in a[-1]
-    wa, wb = state_dict(root / "sft-a" / "final"), state_dict(root / "sft-b" / "final")
+    wa, wb = state_dict(root / run_a / "final"), state_dict(root / run_b / "final")
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-3, atol=2e-4)  # Adam amplifies fp noise
     from deus_dist.train.chat_data import CHATML
 
-    assert (root / "sft-a" / "final" / "chat_template.jinja").read_text() == CHATML
-    state = json.loads(next((root / "sft-b" / "checkpoints").glob("step-*/trainer_state.json")).read_text())
+    assert (root / run_a / "final" / "chat_template.jinja").read_text() == CHATML
+    state = json.loads(next((root / run_b / "checkpoints").glob("step-*/trainer_state.json")).read_text())
     assert state["data"]["kind"] == "chat" and state["data"]["packing"] is True
 
 

@@ -201,14 +201,15 @@ def test_resume_on_more_ranks_converts_the_checkpoint(train_setup, uninterrupted
     assert_continues(root / "to-two", uninterrupted, rel=1e-4)
 
 
-def test_bf16_runs_resume_exactly_and_reuse_a_prepared_cache(train_setup, tmp_path):
+@pytest.mark.parametrize("sharding", ["zero3", "zero2"], indirect=True)
+def test_bf16_runs_resume_exactly_and_reuse_a_prepared_cache(train_setup, sharding, tmp_path):
     """bf16 on the CPU accelerator: DeepSpeed names the optimizer partitions bf16_zero_pp_rank_*,
     and a stopped run resumes to the uninterrupted run's losses and weights. The data comes from
     tools/prepare_data.py (two tokenizer processes), which the launcher reuses untouched."""
     from deus_dist.cli.prepare_data import main as prepare_main
 
     root, model, data = train_setup
-    prepared = root / "prepared"
+    prepared = root / f"prepared-{sharding}"
     assert (
         prepare_main(
             [
@@ -229,22 +230,35 @@ def test_bf16_runs_resume_exactly_and_reuse_a_prepared_cache(train_setup, tmp_pa
     )
     (folder,) = prepared.iterdir()
     stamp = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-    bf16 = ["--precision", "bf16", "--grad_accum", "2", "--max_steps", "4"]
-    whole = launch(train_args(train_setup, "bf16-full", *bf16, cache="prepared"))
+    bf16 = ["--precision", "bf16", "--grad_accum", "2", "--max_steps", "4", *sharded(sharding)]
+    whole = launch(train_args(train_setup, f"bf16-full-{sharding}", *bf16, cache=f"prepared-{sharding}"))
     assert "tokenizing" not in whole.stdout and "in bf16" in whole.stdout
     assert list(prepared.iterdir()) == [folder]
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
-    launch(train_args(train_setup, "bf16-part", *bf16, "--stop_at_step", "2", cache="prepared"))
-    ckpt = root / "bf16-part" / "checkpoints" / "step-00000002"
+    launch(
+        train_args(
+            train_setup, f"bf16-part-{sharding}", *bf16, "--stop_at_step", "2", cache=f"prepared-{sharding}"
+        )
+    )
+    ckpt = root / f"bf16-part-{sharding}" / "checkpoints" / "step-00000002"
     names = sorted(p.name for p in ckpt.glob("*_states.pt"))
     assert "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt" in names, names
     again = launch(
-        train_args(train_setup, "bf16-part", "--precision", "bf16", "--max_steps", "4", cache="prepared")
+        train_args(
+            train_setup,
+            f"bf16-part-{sharding}",
+            "--precision",
+            "bf16",
+            "--max_steps",
+            "4",
+            *sharded(sharding),
+            cache=f"prepared-{sharding}",
+        )
     )
     assert "resumed from" in again.stdout
-    assert_continues(root / "bf16-part", root / "bf16-full", rel=1e-6)
+    assert_continues(root / f"bf16-part-{sharding}", root / f"bf16-full-{sharding}", rel=1e-6)
     state = json.loads(
-        (root / "bf16-part" / "checkpoints" / "step-00000004" / "trainer_state.json").read_text()
+        (root / f"bf16-part-{sharding}" / "checkpoints" / "step-00000004" / "trainer_state.json").read_text()
     )
     assert state["precision"] == "bf16" and state["global_batch"] == 8
 
