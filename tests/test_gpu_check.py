@@ -41,6 +41,7 @@ def test_cpu_dry_run_runs_every_step(tmp_path):
         "sft_packing",
         "bench_train",
         "plan_vs_peak",
+        "zeropp_logits",
         "fuse_cuda",
     ]
     # the signal stopped the run part-way; the resumed run's 30 losses are the uninterrupted run's
@@ -49,5 +50,6 @@ def test_cpu_dry_run_runs_every_step(tmp_path):
     runs = {r["run"] for r in report["bench"]["results"]}
     assert {"plain:top", "engine:top", "engine-z2:top", "engine-z1:top"} <= runs
     assert {r["run"] for r in report["plan_vs_peak"]} >= {"engine:top", "engine-z2:top", "engine-z1:top"}
+    assert "needs a GPU" in report["zeropp"]["skipped"]  # DeepSpeed's quantizer is CUDA-only
     table = (tmp_path / "out" / "gpu_check.txt").read_text()
     assert "cpt_resume_equals_uninterrupted" in table and "plan vs peak" in table

@@ -11,6 +11,7 @@ Runs (``--runs``, comma-separated ``KIND:TRAINABLE``):
   engine-noleaf:top  the same with DeepSpeed's per-sub-module hooks (the straight set-up)
   engine-z2:top      our engine under ds_configs/zero2.json (frozen weights replicated)
   engine-z1:top      our engine under ds_configs/zero1.json
+  engine-zpp:top     --ds_config with mixed-precision ZeRO++ on the frozen weights (GPUs only)
   TRAINABLE: top / bottom / interleaved (the new layers of that placement) or full (every layer)
 
 examples:
@@ -150,12 +151,14 @@ def plain_run(config, chosen_prefixes, device, lr):
     return model, step, sum(p.numel() for p in params)
 
 
-def engine_run(config, chosen_prefixes, batches, device, lr, ds_path, leaf):
+def engine_run(config, chosen_prefixes, batches, device, lr, ds_path, leaf, zero_extra=None):
     from deus_dist.train.ds_config import load_ds_config, resolve_ds_config
     from deus_dist.train.model import load_model, wrap_model
 
+    raw = load_ds_config(ds_path)
+    raw["zero_optimization"].update(zero_extra or {})
     ds = resolve_ds_config(
-        load_ds_config(ds_path),
+        raw,
         micro_batch=batches[0].shape[0],
         grad_accum=1,
         world_size=1,
@@ -186,7 +189,10 @@ def engine_run(config, chosen_prefixes, batches, device, lr, ds_path, leaf):
 
 SHARDED = {"engine-z2": "zero2.json", "engine-z1": "zero1.json"}
 """Engine runs under another shipped config than --ds_config."""
-KINDS = ("plain", "engine", "engine-noleaf", *SHARDED)
+ZERO_PP = {"zero_quantized_nontrainable_weights": True, "zero_hpz_partition_size": 1}
+"""engine-zpp: --ds_config with mixed-precision ZeRO++ on the frozen weights (they are kept and
+gathered quantized; needs DeepSpeed's CUDA quantizer kernels, so GPUs only)."""
+KINDS = ("plain", "engine", "engine-noleaf", "engine-zpp", *SHARDED)
 
 
 def measure(kind, which, args, shape, config, device, batches) -> dict:
@@ -204,7 +210,14 @@ def measure(kind, which, args, shape, config, device, batches) -> dict:
     else:
         ds_path = DS_CONFIGS / SHARDED[kind] if kind in SHARDED else args.ds_config
         holder, step, trainable = engine_run(
-            config, prefixes, batches, device, args.lr, ds_path, leaf=kind != "engine-noleaf"
+            config,
+            prefixes,
+            batches,
+            device,
+            args.lr,
+            ds_path,
+            leaf=kind != "engine-noleaf",
+            zero_extra=ZERO_PP if kind == "engine-zpp" else None,
         )
     times = []
     for i, ids in enumerate(batches):

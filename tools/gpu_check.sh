@@ -37,11 +37,11 @@ PY=${PYTHON:-python3}
 
 if [ "$DRY" = 1 ]; then
     export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-    DS=ds_configs/zero3_cpu.json PREC=fp32 BENCH_SHAPE=small BENCH_STEPS="--steps 1 --warmup 1"
+    DS=ds_configs/zero3_cpu.json PREC=fp32 BENCH_SHAPE=small BENCH_STEPS="--steps 1 --warmup 1" ZPP=""
     FUSE_DEVICE=cpu FUSE_SHAPE=tiny GPU_MEM=24
 else
     export TORCH_CUDA_ARCH_LIST=9.0 # DeepSpeed's JIT parser fails on 9.0a
-    DS=ds_configs/zero3.json PREC=bf16 BENCH_SHAPE=1b BENCH_STEPS="--steps 5 --warmup 2"
+    DS=ds_configs/zero3.json PREC=bf16 BENCH_SHAPE=1b BENCH_STEPS="--steps 4 --warmup 2" ZPP=",engine-zpp:top"
     FUSE_DEVICE=cuda FUSE_SHAPE=llama-3.2-1b GPU_MEM=139
     if ls tools/gpu_wheels/*.whl >/dev/null 2>&1; then
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -50,7 +50,7 @@ else
     fi
 fi
 
-export WORK PY DS PREC GPU_MEM BENCH_SHAPE FUSE_DEVICE FUSE_SHAPE
+export WORK PY DS PREC GPU_MEM BENCH_SHAPE FUSE_DEVICE FUSE_SHAPE DRY
 
 # step NAME TIMEOUT_S CMD...: run one step, keep its log, record status and seconds
 step() {
@@ -158,7 +158,7 @@ step sft_packing 180 $PY launchers/sft.py --model "$WORK/up" --data "$WORK/chat.
 
 # -- 5. training throughput of every sharding against plain PyTorch, one process
 step bench_train 300 $PY tools/bench_train.py --shape "$BENCH_SHAPE" $BENCH_STEPS \
-    --runs plain:top,plain:full,engine:top,engine-z2:top,engine-z1:top,engine:full,engine:interleaved,engine:bottom \
+    --runs "plain:top,plain:full,engine:top,engine-z2:top,engine-z1:top,engine:full,engine:bottom$ZPP" \
     --json "$WORK/bench.json"
 
 # -- 6. the memory plan against each engine's measured peak (same shape, 1 GPU)
@@ -201,6 +201,59 @@ EOF
 export -f plan_vs_peak
 step plan_vs_peak 60 plan_vs_peak
 
+# -- 6b. mixed-precision ZeRO++ on the frozen weights: what quantizing them does to the logits
+# (its speed is bench_train's engine-zpp:top). DeepSpeed's quantizer is CUDA-only: on CPUs the
+# step records that and passes.
+zeropp_logits() {
+    $PY - "$WORK" "$DS" "$DRY" <<'EOF'
+import json, os, sys
+import torch
+work, ds_path, dry = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+if dry or not torch.cuda.is_available():
+    json.dump({"skipped": "needs a GPU: DeepSpeed's quantizer has CUDA kernels only (QuantizerBuilder)"},
+              open(os.path.join(work, "zeropp.json"), "w"))
+    print("skipped: needs a GPU")
+    sys.exit(0)
+sys.path.insert(0, "tools")
+from bench_train import ZERO_PP
+from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+from deus_dist.train.dist import init_distributed
+from deus_dist.train.ds_config import load_ds_config, resolve_ds_config
+from deus_dist.train.model import load_model, wrap_model
+init_distributed()
+cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=8,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=64)
+torch.manual_seed(0)
+AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(os.path.join(work, "zpp_model"))
+ids = torch.randint(0, cfg.vocab_size, (2, 512), generator=torch.Generator().manual_seed(1)).cuda()
+logits = {}
+for name, extra in (("zero3", {}), ("zeropp", ZERO_PP)):
+    raw = load_ds_config(ds_path)
+    raw["zero_optimization"].update(extra)
+    ds = resolve_ds_config(raw, micro_batch=2, grad_accum=1, world_size=1, lr=1e-4, betas=[0.9, 0.95],
+                           weight_decay=0.0, grad_clip=1.0, hidden_size=cfg.hidden_size, cuda=True)
+    model, hf_ds = load_model(os.path.join(work, "zpp_model"), ds, activation_checkpointing=False)
+    chosen = {n for n, _ in model.named_parameters() if n.startswith(("model.layers.6.", "model.layers.7."))}
+    engine, _ = wrap_model(model, chosen, ds, 0.0)
+    engine.eval()
+    with torch.no_grad():
+        logits[name] = engine(input_ids=ids, use_cache=False).logits.float()
+    engine.destroy()
+    del engine, model, hf_ds
+    unset_hf_deepspeed_config()
+a, b = logits["zero3"], logits["zeropp"]
+kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
+out = {"max_abs_logit_change": (a - b).abs().max().item(), "mean_abs_logit_change": (a - b).abs().mean().item(),
+       "logit_std": a.std().item(), "kl_per_token": kl.item() / a.shape[1],
+       "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item()}
+json.dump(out, open(os.path.join(work, "zeropp.json"), "w"))
+print(out)
+EOF
+}
+export -f zeropp_logits
+step zeropp_logits 180 zeropp_logits
+
 # -- 7. OpT-DeUS on the GPU: the Llama-3.2-1B shape, 16 -> 24 layers, random bf16 weights
 fuse_1b() {
     $PY - "$WORK/base1b" "$FUSE_SHAPE" <<'EOF'
@@ -240,7 +293,7 @@ report = {
     "torch": torch.__version__, "python": platform.python_version(),
     "passed": all(s["rc"] == 0 for s in steps),
     "steps": steps, "bench": load("bench.json"), "plan_vs_peak": load("plan.json"),
-    "cpt_resume": load("compare.json"),
+    "cpt_resume": load("compare.json"), "zeropp": load("zeropp.json"),
 }
 json.dump(report, open(os.path.join(out, "gpu_check.json"), "w"), indent=1)
 lines = [f"gpu_check ({report['mode']}) on {report['device']}, torch {report['torch']}", "",
@@ -254,6 +307,9 @@ if report["bench"]:
         peak = r.get("peak_mem_bytes")
         lines.append(f"{r['run']:24}{r['tokens_per_s']:10.0f}{(r['tokens_per_s'] / ref if ref else 0):14.2f}"
                      + (f"{peak / 2**30:10.2f}" if peak else f"{'-':>10}"))
+if report["zeropp"]:
+    lines += ["", "mixed-precision ZeRO++ on the frozen weights: "
+              + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in report["zeropp"].items())]
 if report["plan_vs_peak"]:
     lines += ["", f"{'plan vs peak':24}{'planned':>10}{'measured':>10}{'ratio':>8}"]
     for r in report["plan_vs_peak"]:
