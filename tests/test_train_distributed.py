@@ -185,6 +185,23 @@ def test_resume_on_fewer_ranks_converts_the_checkpoint(train_setup, reference, s
     assert_continues(run, uninterrupted, rel=1e-4)
 
 
+def test_resume_keeps_the_sharding_its_checkpoint_was_written_under(train_setup, uninterrupted, stopped):
+    """A ZeRO-3 checkpoint is no ZeRO-2 one: resuming it under zero2.json is refused, naming
+    --ds_config; --ds_config auto chooses among the ZeRO-3 configs and continues exactly."""
+    run = copy_run(stopped, "auto-resume")
+    refused = launch(
+        train_args(train_setup, "auto-resume", "--max_steps", "6", *sharded("zero2")), check=False
+    )
+    assert refused.returncode == 2
+    assert (
+        "--ds_config: " in refused.stderr
+        and "was written under ZeRO-3, this run is ZeRO-1/2" in refused.stderr
+    )
+    proc = launch(train_args(train_setup, "auto-resume", "--max_steps", "6", "--ds_config", "auto"))
+    assert "--ds_config auto: ds_configs/zero3_cpu.json (zero3)" in proc.stdout, proc.stdout
+    assert_continues(run, uninterrupted, rel=1e-5)
+
+
 def test_resume_on_more_ranks_converts_the_checkpoint(train_setup, uninterrupted, tmp_path):
     """1 rank (global batch 8 as 2 x 4) -> 2 ranks: the same sequences make every step, before and
     after the conversion."""

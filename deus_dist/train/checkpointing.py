@@ -235,6 +235,25 @@ def rank_files(path: Path) -> dict[str, dict[int, Path]]:
     return found
 
 
+def partitioned_model_states(path: Path) -> bool:
+    """ZeRO-3 wrote ``path`` (one model-states file per rank); else ZeRO-1/2 (one replicated file)."""
+    return not (Path(path) / "mp_rank_00_model_states.pt").is_file()
+
+
+def sharding_conflicts(path: Path, ds: dict) -> list[str]:
+    """``path`` was written under ZeRO-3 and this run is ZeRO-1/2, or the other way round: DeepSpeed
+    reads neither's files as the other's (ZeRO-1 and ZeRO-2 read each other's)."""
+    was3, is3 = partitioned_model_states(path), ds.get("zero_optimization", {}).get("stage") == 3
+    if was3 == is3:
+        return []
+    were, now = ("ZeRO-3", "ZeRO-1/2") if was3 else ("ZeRO-1/2", "ZeRO-3")
+    return [
+        f"--ds_config: {path} was written under {were}, this run is {now}; resume with a {were} config "
+        f"(ds_configs/{'zero3.json' if was3 else 'zero2.json'}, or --ds_config auto, which keeps it), "
+        "or start over with --resume none"
+    ]
+
+
 def damaged_files(path: Path, world_size: int) -> list[str]:
     """Every rank's DeepSpeed files are present and their zip directory reads (a truncated file
     fails here, before any rank starts, instead of inside DeepSpeed on one rank)."""

@@ -622,6 +622,7 @@ def auto_ds_config(
     cuda: bool,
     memory_gib: float | None = None,
     headroom: float = 0.1,
+    zero3: bool | None = None,
 ) -> tuple[Path, str]:
     """``--ds_config auto``: the shipped config the planner recommends for this run, and why.
 
@@ -629,7 +630,8 @@ def auto_ds_config(
     the first GPU's memory; on CPUs among the CPU configs (zero1.json, zero2.json, zero3_cpu.json)
     against this machine's memory shared by its ranks, so the same command runs in tests. A model
     whose frozen weights do not fit on one device gets ZeRO-3, as shipped. Nothing fitting is a
-    UserError naming the shortfall in GiB."""
+    UserError naming the shortfall in GiB. ``zero3`` (a resume): only ZeRO-3 configs (True) or only
+    ZeRO-1/2 ones (False), those that read the checkpoint."""
     from deus_dist.resources import DS_CONFIGS
 
     if memory_gib is None:
@@ -652,10 +654,12 @@ def auto_ds_config(
         activation_checkpointing=activation_checkpointing,
     )
     plan = make_plan(shape, run, gpu_memory_gib=memory_gib, headroom=headroom, cuda=cuda)
-    if not cuda:  # offload moves nothing on a CPU: not a CPU choice
-        plan.choices = [c for c in plan.choices if not c.offload]
-        fitting = [c for c in plan.choices if c.fits]
-        plan.recommended = min(fitting, key=lambda c: SPEED_ORDER.index(c.name)).name if fitting else None
+    # offload moves nothing on a CPU: not a CPU choice
+    plan.choices = [
+        c for c in plan.choices if (cuda or not c.offload) and (zero3 is None or (c.stage == 3) == zero3)
+    ]
+    fitting = [c for c in plan.choices if c.fits]
+    plan.recommended = min(fitting, key=lambda c: SPEED_ORDER.index(c.name)).name if fitting else None
     where = "GPU" if cuda else f"rank (this machine's memory over {world_size} rank(s))"
     if plan.recommended is None:
         best = min(plan.choices, key=lambda c: c.peak)

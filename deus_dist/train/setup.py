@@ -172,7 +172,9 @@ def validate(cfg: TrainConfig, world_size: int, cuda: bool, pipeline: DataPipeli
             lambda: trainable_names(names, cfg.trainable, arch, manifest, cfg.train_embeddings)
         )
     if auto_ds and trainable is not None:
-        raw_ds = attempt(lambda: _planned_ds_config(cfg, config, trainable, world_size, cuda, notes))
+        raw_ds = attempt(
+            lambda: _planned_ds_config(cfg, config, trainable, world_size, cuda, notes, resume_from)
+        )
     ds = None
     if raw_ds is not None:
         ds = attempt(
@@ -205,6 +207,7 @@ def validate(cfg: TrainConfig, world_size: int, cuda: bool, pipeline: DataPipeli
         )
         batch = f"{cfg.micro_batch} x {cfg.grad_accum} x {world_size} rank(s) = {run.global_batch}"
         conflicts = checkpointing.resume_conflicts(resumed, resume_from, run, batch, pipeline.key_options)
+        conflicts += checkpointing.sharding_conflicts(resume_from, ds)
         problems.items += conflicts or checkpointing.damaged_files(resume_from, resumed.world_size)
     problems.raise_if_any()
     if resumed is not None and resumed.world_size != world_size:
@@ -231,8 +234,11 @@ def validate(cfg: TrainConfig, world_size: int, cuda: bool, pipeline: DataPipeli
     )
 
 
-def _planned_ds_config(cfg: TrainConfig, config: dict, trainable, world_size: int, cuda: bool, notes) -> dict:
-    """``--ds_config auto``: the shipped config train/memory_plan.py recommends (its reason noted)."""
+def _planned_ds_config(
+    cfg: TrainConfig, config: dict, trainable, world_size: int, cuda: bool, notes, resume_from
+) -> dict:
+    """``--ds_config auto``: the shipped config train/memory_plan.py recommends (its reason noted);
+    a resume chooses among the configs that read its checkpoint (ZeRO-3, or ZeRO-1/2)."""
     from deus_dist.train.memory_plan import auto_ds_config
 
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
@@ -246,6 +252,7 @@ def _planned_ds_config(cfg: TrainConfig, config: dict, trainable, world_size: in
         precision="bf16" if bf16 else "fp32",
         activation_checkpointing=cfg.activation_checkpointing,
         cuda=cuda,
+        zero3=checkpointing.partitioned_model_states(resume_from) if resume_from else None,
     )
     notes.append(why)
     return load_ds_config(path)
