@@ -287,11 +287,21 @@ def test_trainable_all_changes_everything(train_setup):
     assert unchanged == []
 
 
-def test_sigterm_under_torchrun_leaves_a_resumable_checkpoint(train_setup):
+@pytest.mark.parametrize("sharding", ["zero3", "zero2"], indirect=True)
+def test_sigterm_under_torchrun_leaves_a_resumable_checkpoint(train_setup, sharding):
     root = train_setup[0]
-    run = root / "preempted"
+    run = root / f"preempted-{sharding}"
     cmd = launch_cmd(
-        train_args(train_setup, "preempted", "--grad_accum", "2", "--max_steps", "400"), "torchrun"
+        train_args(
+            train_setup,
+            f"preempted-{sharding}",
+            "--grad_accum",
+            "2",
+            "--max_steps",
+            "400",
+            *sharded(sharding),
+        ),
+        "torchrun",
     )
     proc = subprocess.Popen(
         cmd,
@@ -324,7 +334,15 @@ def test_sigterm_under_torchrun_leaves_a_resumable_checkpoint(train_setup):
     assert [r["step"] for r in read_metrics(run)] == list(range(1, saved + 1))
     # the same command continues from the checkpoint (stopping one step later to stay quick)
     again = launch(
-        train_args(train_setup, "preempted", "--max_steps", "400", "--stop_at_step", str(saved + 1)),
+        train_args(
+            train_setup,
+            f"preempted-{sharding}",
+            "--max_steps",
+            "400",
+            "--stop_at_step",
+            str(saved + 1),
+            *sharded(sharding),
+        ),
         launcher="torchrun",
     )
     assert f"at step {saved}" in again.stdout
