@@ -105,6 +105,9 @@ class FuseConfig:
     zero_init: bool = True
     """opt-deus: zero o_proj and down_proj of new blocks, so the up-scaled model computes exactly
     what the base did (--no_zero_init keeps the fused values)."""
+    ot_expert_router: bool = True
+    """opt-deus on mixture-of-experts blocks: the router rows count in the cost of pairing layer A's
+    experts with layer B's, beside the experts' weights (--no_ot_expert_router: weights only)."""
     seed: int = 0
     """Seed of methods that train or sample (lesa)."""
 

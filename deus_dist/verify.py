@@ -1,7 +1,9 @@
 """Checks run on a written checkpoint before it gets its final name.
 
 - keys and shapes: the model transformers builds from the written config (on the meta device, so
-  no memory) must have exactly the written tensors, tied weights aside;
+  no memory) must have exactly the written tensors, tied weights aside, in the layout
+  ``save_pretrained`` writes (transformers 5 regroups some checkpoints' tensors in memory, such
+  as per-expert MoE weights into stacked ones; its own reverse conversion gives the on-disk names);
 - logits: for function-preserving methods, the up-scaled model's logits on a probe input must
   equal the base model's (both loaded in float32).
 """
@@ -16,6 +18,13 @@ from deus_dist.checkpoint import CheckpointReader
 from deus_dist.hf_logging import quiet_transformers
 
 
+def on_disk_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's state dict under the names and shapes ``save_pretrained`` writes (works on meta)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, model.state_dict())
+
+
 def check_keys_and_shapes(model_dir: Path) -> None:
     """Raise RuntimeError naming the first differences between the files and transformers' model."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -24,7 +33,7 @@ def check_keys_and_shapes(model_dir: Path) -> None:
         config = AutoConfig.from_pretrained(model_dir)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in on_disk_state_dict(model).items()}
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     reader = CheckpointReader(model_dir, option="written checkpoint")
     written = {k: v.shape for k, v in reader.tensors.items()}

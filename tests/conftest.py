@@ -36,10 +36,23 @@ def tiny_config(family: str, **overrides):
         return tf.Qwen3Config(use_sliding_window=True, sliding_window=16, max_window_layers=3, **kw)
     if family == "gemma3_text":
         return tf.Gemma3TextConfig(sliding_window=16, **kw)  # 5 sliding layers, then 1 global
+    # mixture-of-experts: 4 routed experts, top-2 (the per-expert intermediate differs per family)
+    moe = dict(num_experts_per_tok=2, output_router_logits=False)
+    if family == "mixtral":
+        return tf.MixtralConfig(num_local_experts=4, **moe, **kw)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(num_experts=4, moe_intermediate_size=32, **moe, **kw)
+    if family == "olmoe":  # q_norm/k_norm over the whole q and k projections
+        return tf.OlmoeConfig(num_experts=4, eos_token_id=2, **moe, **kw)
+    if family == "qwen2_moe":  # a shared expert (dense MLP, sigmoid-gated) beside the routed ones
+        return tf.Qwen2MoeConfig(
+            num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48, **moe, **kw
+        )
     raise ValueError(family)
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+MOE_FAMILIES = ["mixtral"]
 
 
 def make_tiny(
@@ -149,6 +162,44 @@ def permutation_of_layer(model, src: int, dst: int, seed: int = 0) -> None:
             elif name == "mlp.down_proj.weight":
                 t = rows(t.T, neurons, 1).T
             B.get_parameter(name).copy_(t)
+
+
+def permutation_of_moe_layer(model, src: int, dst: int, seed: int = 0) -> None:
+    """Make MoE layer ``dst`` a copy of layer ``src`` with its KV groups, query heads, routed
+    experts (with their router rows), the neurons inside each expert and a shared expert's neurons
+    permuted. Works on transformers' in-memory layout: experts stacked as ``experts.gate_up_proj``
+    [E, 2I, H] (gate rows, then up rows) and ``experts.down_proj`` [E, H, I]."""
+    cfg = model.config
+    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    g = torch.Generator().manual_seed(seed + 1)
+    permutation_of_layer(model, src, dst, seed)  # attention; everything else copied as it is
+    gen = torch.Generator().manual_seed(seed)  # the head orders permutation_of_layer drew
+    groups = torch.randperm(Hkv, generator=gen)
+    r = H // Hkv
+    q_heads = torch.cat([groups[j] * r + torch.randperm(r, generator=gen) for j in range(Hkv)])
+    A, B = model.model.layers[src], model.model.layers[dst]
+    with torch.no_grad():
+        q_norm = getattr(A.self_attn, "q_norm", None)
+        if q_norm is not None and q_norm.weight.numel() == H * hd:  # OLMoE: norms over the projection
+            B.self_attn.q_norm.weight.copy_(q_norm.weight.reshape(H, hd)[q_heads].reshape(-1))
+            k = A.self_attn.k_norm.weight
+            B.self_attn.k_norm.weight.copy_(k.reshape(Hkv, hd)[groups].reshape(-1))
+        experts = A.mlp.experts
+        E, two_i, _ = experts.gate_up_proj.shape
+        n = two_i // 2
+        order = torch.randperm(E, generator=g)
+        for j, e in enumerate(order.tolist()):
+            neurons = torch.randperm(n, generator=g)
+            gate_up = experts.gate_up_proj[e]
+            B.mlp.experts.gate_up_proj[j] = torch.cat([gate_up[:n][neurons], gate_up[n:][neurons]])
+            B.mlp.experts.down_proj[j] = experts.down_proj[e][:, neurons]
+        B.mlp.gate.weight.copy_(A.mlp.gate.weight[order])
+        shared = getattr(A.mlp, "shared_expert", None)
+        if shared is not None:
+            neurons = torch.randperm(shared.gate_proj.weight.shape[0], generator=g)
+            B.mlp.shared_expert.gate_proj.weight.copy_(shared.gate_proj.weight[neurons])
+            B.mlp.shared_expert.up_proj.weight.copy_(shared.up_proj.weight[neurons])
+            B.mlp.shared_expert.down_proj.weight.copy_(shared.down_proj.weight[:, neurons])
 
 
 def layer_outputs(model, layer, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """``opt-deus``: optimal-transport depth up-scaling (arXiv 2508.08011).
 
 For each new block between base layers k and k+1 (A, B): A's units are transported onto B's order
-space by space (KV groups, query heads within groups, MLP neurons; the residual stream never
-moves), then fused = (1 - t) * aligned A + t * B, and o_proj/down_proj are zeroed so the up-scaled
+space by space (KV groups, query heads within groups, MLP neurons; on mixture-of-experts blocks the
+routed experts with their router rows, and the neurons inside each matched pair of experts; the
+residual stream never moves), then fused = (1 - t) * aligned A + t * B, and o_proj/down_proj are zeroed so the up-scaled
 model computes exactly what the base did (``--no_zero_init`` keeps them). ``--ot_variant
 reference`` reproduces the authors' released code instead (see ``deus_dist/ot/reference.py``).
 """
@@ -33,6 +34,7 @@ class OptDeus(Method):
         "calib_tokens",
         "fuse_weight",
         "zero_init",
+        "ot_expert_router",
     )
 
     def prepare(self, reader, arch, plan, cfg, block_suffixes=None):
@@ -47,6 +49,11 @@ class OptDeus(Method):
             problems.append(f"--ot_max_iter must be at least 1, got {cfg.ot_max_iter}")
         if cfg.ot_cost == "activations" and cfg.calib_tokens < 16:
             problems.append(f"--calib_tokens must be at least 16, got {cfg.calib_tokens}")
+        if arch.experts() and cfg.ot_cost == "activations" and cfg.ot_variant == "aligned":
+            problems.append(
+                "--ot_cost activations: not available on mixture-of-experts blocks (transformers runs "
+                "the experts stacked, so one expert's activations cannot be hooked); use --ot_cost weights"
+            )
         if cfg.ot_variant == "reference":
             from deus_dist.ot.reference import check_supported
 
@@ -61,8 +68,18 @@ class OptDeus(Method):
         self.geo = HeadGeometry.from_config(reader.config)
         self.solver = SolverSettings(cfg.ot_solver, cfg.ot_reg, cfg.ot_max_iter, cfg.ot_tol)
         self.function_preserving = cfg.zero_init
-        mlp = next(s for s, r in arch.block.items() if r.rows == "mlp")
-        self.mlp_units, self.mlp_width = reader.tensors[arch.layer_name(0, mlp)].shape[:2]
+        # Neuron spaces and how many plans each needs per block: (units, width, plans).
+        self.neuron_spaces = []
+        mlp = next((s for s, r in arch.block.items() if r.rows == "mlp"), None)
+        if mlp is not None:
+            self.neuron_spaces.append((*reader.tensors[arch.layer_name(0, mlp)].shape[:2], 1))
+        if arch.experts():
+            from deus_dist.ot.experts import expert_units
+
+            shapes = {s: reader.tensors[arch.layer_name(0, s)].shape for s in arch.block}
+            experts, units, width = expert_units(arch, shapes)
+            self.neuron_spaces.append((units, width, experts * experts + experts))
+        self.mlp_units = max(units for units, _, _ in self.neuron_spaces)
         self.runner = None
         if cfg.ot_cost == "activations" and cfg.ot_variant == "aligned":
             import torch
@@ -86,7 +103,9 @@ class OptDeus(Method):
             fa = fb = None
             if self.runner is not None:
                 fa, fb = self.runner.features(layers[0], a, b)
-            aligned, reports = align_block(a, b, arch, self.geo, self.solver, fa, fb)
+            aligned, reports = align_block(
+                a, b, arch, self.geo, self.solver, fa, fb, expert_router=self.cfg.ot_expert_router
+            )
             t = self.cfg.fuse_weight
             # In place where alignment already made a copy: one block less at the peak.
             block = {
@@ -123,6 +142,8 @@ class OptDeus(Method):
                 calib_data=c.calib_data or "embedded Wikipedia sample (train slice)",
                 calib_tokens=c.calib_tokens,
             )
+        if self.arch.experts():
+            out.update(ot_expert_router=c.ot_expert_router, expert_matching="exact")
         return out
 
     def working_bytes(self, block_bytes):
@@ -133,8 +154,9 @@ class OptDeus(Method):
         return 3 * block_bytes + (1 + solver) * n2
 
     def block_flops(self):
-        # The MLP cost: an n x n product over gate rows, up rows and down columns (3 x width).
-        return 2.0 * self.mlp_units**2 * 3 * self.mlp_width
+        # Each neuron cost: an n x n product over gate rows, up rows and down columns (3 x width);
+        # a mixture-of-experts block needs one per pair of experts (and per matched pair again).
+        return sum(2.0 * units**2 * 3 * width * plans for units, width, plans in self.neuron_spaces)
 
     def summary(self):
         diagnostics = self.diagnostics()

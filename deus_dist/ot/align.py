@@ -7,7 +7,10 @@ Spaces of a block (see ``deus_dist/architectures/llama.json``):
 - ``kv_heads`` / ``q_heads``: one transport over KV groups (a kv head with its H/Hkv query heads)
   and, inside each matched pair of groups, one over the query heads. Whole heads move; dimensions
   inside a head never do (RoPE pairs them);
-- ``head_dim``: q_norm/k_norm act on a head's dimensions and move with nothing.
+- ``head_dim``: q_norm/k_norm act on a head's dimensions and move with nothing;
+- ``experts`` / ``expert_mlp``: routed experts of a mixture-of-experts block and the neurons
+  inside each (see :mod:`deus_dist.ot.experts`). A block may have no dense ``mlp`` space, or use
+  it for a shared expert (a dense MLP beside the routed ones).
 
 A unit's features are its rows (for tensors whose rows live in the space) and columns (for tensors
 whose columns do), concatenated; the same extraction serves weights and activations (for
@@ -257,17 +260,26 @@ def align_block(
     solver: SolverSettings,
     features_a: dict[str, torch.Tensor] | None = None,
     features_b: dict[str, torch.Tensor] | None = None,
+    expert_router: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, SpaceReport]]:
-    """A with its units moved to B's order, and a report per space. Features default to weights."""
+    """A with its units moved to B's order, and a report per space. Features default to weights
+    (experts are aligned on weights only). ``expert_router``: router rows count in the cost of
+    pairing experts."""
     fa_src = a if features_a is None else features_a
     fb_src = b if features_b is None else features_b
     aligned = dict(a)
     reports: dict[str, SpaceReport] = {}
-    m = next(t.shape[0] for s, t in a.items() if arch.block[s].rows == "mlp")
-    plan, reports["mlp"] = mlp_plan(
-        unit_feature_parts(fa_src, arch, "mlp", m), unit_feature_parts(fb_src, arch, "mlp", m), solver
-    )
-    apply_plan(aligned, arch, "mlp", plan)
+    m = next((t.shape[0] for s, t in a.items() if arch.block[s].rows == "mlp"), None)
+    if m is not None:
+        plan, reports["mlp"] = mlp_plan(
+            unit_feature_parts(fa_src, arch, "mlp", m), unit_feature_parts(fb_src, arch, "mlp", m), solver
+        )
+        apply_plan(aligned, arch, "mlp", plan)
+    if arch.experts():
+        from deus_dist.ot.experts import align_experts
+
+        aligned, expert_reports = align_experts(aligned, b, arch, solver, expert_router)
+        reports.update(expert_reports)
     kv_plan, q_plan, reports["kv_heads"], reports["q_heads"] = head_plans(
         unit_features(fa_src, arch, "kv_heads", geo.kv_heads),
         unit_features(fb_src, arch, "kv_heads", geo.kv_heads),
