@@ -76,7 +76,8 @@ class OptDeus(Method):
         if arch.experts():
             from deus_dist.ot.experts import expert_units
 
-            shapes = {s: reader.tensors[arch.layer_name(0, s)].shape for s in arch.block}
+            names = {s: arch.layer_name(0, s) for s in arch.block}
+            shapes = {s: reader.tensors[n].shape for s, n in names.items() if n in reader.tensors}
             experts, units, width = expert_units(arch, shapes)
             self.neuron_spaces.append((units, width, experts * experts + experts))
         self.mlp_units = max(units for units, _, _ in self.neuron_spaces)
