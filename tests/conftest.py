@@ -52,7 +52,7 @@ def tiny_config(family: str, **overrides):
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
-MOE_FAMILIES = ["mixtral", "qwen3_moe", "olmoe"]
+MOE_FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"]
 
 
 def make_tiny(

@@ -155,3 +155,11 @@ def test_moe_refusals_name_the_option(tmp_path, capsys, options, words):
     err = capsys.readouterr().err
     assert all(w in err for w in words), err
     assert not (tmp_path / "o").exists()
+
+
+def test_layers_of_another_kind_are_refused_naming_the_config_field(tmp_path, capsys):
+    base = make_tiny(tmp_path / "base", "qwen2_moe", mlp_only_layers=[1])
+    capsys.readouterr()
+    assert fuse("--model", base, "--out", tmp_path / "o", "--method", "copy") == 2
+    err = capsys.readouterr().err
+    assert "mlp_only_layers" in err and "qwen2_moe" in err
