@@ -15,14 +15,8 @@ from pathlib import Path
 import torch
 
 from deus_dist.checkpoint import CheckpointReader
+from deus_dist.checkpoint.layout import on_disk_state_dict
 from deus_dist.hf_logging import quiet_transformers
-
-
-def on_disk_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's state dict under the names and shapes ``save_pretrained`` writes (works on meta)."""
-    from transformers.core_model_loading import revert_weight_conversion
-
-    return revert_weight_conversion(model, model.state_dict())
 
 
 def check_keys_and_shapes(model_dir: Path) -> None:

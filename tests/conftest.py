@@ -446,6 +446,15 @@ def train_setup(tmp_path_factory):
     return root, model, data
 
 
+@pytest.fixture(scope="session")
+def moe_train_setup(tmp_path_factory):
+    """(root, model, data): a tiny Mixtral (4 experts, top-2) up-scaled 6 -> 9 layers, and real text."""
+    root = tmp_path_factory.mktemp("train_moe")
+    model = make_training_model(root, "mixtral")
+    data = write_wiki_jsonl(root / "wiki.jsonl")
+    return root, model, data
+
+
 def train_args(setup, run: str, *extra, cache: str = "cache") -> list:
     root, model, data = setup
     return [
