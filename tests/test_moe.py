@@ -72,17 +72,22 @@ def test_permuted_moe_layer_is_recovered(tmp_path, family):
     assert (layer_outputs(averaged, averaged.model.layers[K + 1], h) - want).abs().max().item() > 1e-2
 
 
-def test_expert_cost_without_router_rows_still_recovers_the_permutation(tmp_path):
+@pytest.mark.parametrize("cost, plans", [("weights", 16), ("router", 4)])
+def test_every_expert_cost_recovers_the_permutation(tmp_path, cost, plans):
+    """Weights alone (neuron OT inside each of the E^2 pairs) and router rows alone (E neuron
+    plans, for the matched pairs only) both find the permuted experts."""
     base = make_tiny(tmp_path / "base", "mixtral")
     model = AutoModelForCausalLM.from_pretrained(base).eval()
     permutation_of_moe_layer(model, K, K + 1, seed=4)
     model.save_pretrained(base)
     out = tmp_path / "fused"
     args = ["--model", base, "--out", out, "--positions", K, "--no_zero_init", "--quiet"]
-    assert fuse(*args, "--ot_solver", "exact", "--no_ot_expert_router") == 0
+    assert fuse(*args, "--ot_solver", "exact", "--ot_expert_cost", cost) == 0
     m = load_manifest(out)
-    assert m["params"]["ot_expert_router"] is False
-    assert m["diagnostics"][f"{K}-{K + 1}"]["experts"]["matched_similarity"] > 0.999
+    assert m["params"]["ot_expert_cost"] == cost
+    diag = m["diagnostics"][f"{K}-{K + 1}"]
+    assert diag["experts"]["matched_similarity"] > 0.999 and diag["experts"]["extra"]["cost"] == cost
+    assert diag["expert_mlp"]["extra"]["plans_solved"] == plans
     fused = loads_cleanly(out)
     h = torch.randn(1, 8, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
     want = layer_outputs(model, model.model.layers[K], h)
@@ -145,7 +150,7 @@ def test_lesa_on_moe_predicts_each_expert_from_its_neighbours(tmp_path, family):
     [
         (["--ot_cost", "activations"], ["--ot_cost", "mixture-of-experts", "--ot_cost weights"]),
         (["--ot_variant", "reference"], ["--ot_variant", "block_sparse_moe"]),
-        (["--method", "avg", "--no_ot_expert_router"], ["--ot_expert_router", "opt-deus"]),
+        (["--method", "avg", "--ot_expert_cost", "router"], ["--ot_expert_cost", "opt-deus"]),
     ],
 )
 def test_moe_refusals_name_the_option(tmp_path, capsys, options, words):

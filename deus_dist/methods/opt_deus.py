@@ -34,7 +34,7 @@ class OptDeus(Method):
         "calib_tokens",
         "fuse_weight",
         "zero_init",
-        "ot_expert_router",
+        "ot_expert_cost",
     )
 
     def prepare(self, reader, arch, plan, cfg, block_suffixes=None):
@@ -79,7 +79,8 @@ class OptDeus(Method):
             names = {s: arch.layer_name(0, s) for s in arch.block}
             shapes = {s: reader.tensors[n].shape for s, n in names.items() if n in reader.tensors}
             experts, units, width = expert_units(arch, shapes)
-            self.neuron_spaces.append((units, width, experts * experts + experts))
+            pairs = experts if cfg.ot_expert_cost == "router" else experts * experts + experts
+            self.neuron_spaces.append((units, width, pairs))
         self.mlp_units = max(units for units, _, _ in self.neuron_spaces)
         self.runner = None
         if cfg.ot_cost == "activations" and cfg.ot_variant == "aligned":
@@ -105,7 +106,7 @@ class OptDeus(Method):
             if self.runner is not None:
                 fa, fb = self.runner.features(layers[0], a, b)
             aligned, reports = align_block(
-                a, b, arch, self.geo, self.solver, fa, fb, expert_router=self.cfg.ot_expert_router
+                a, b, arch, self.geo, self.solver, fa, fb, expert_cost=self.cfg.ot_expert_cost
             )
             t = self.cfg.fuse_weight
             # In place where alignment already made a copy: one block less at the peak.
@@ -144,7 +145,7 @@ class OptDeus(Method):
                 calib_tokens=c.calib_tokens,
             )
         if self.arch.experts():
-            out.update(ot_expert_router=c.ot_expert_router, expert_matching="exact")
+            out.update(ot_expert_cost=c.ot_expert_cost, expert_matching="exact")
         return out
 
     def working_bytes(self, block_bytes):

@@ -260,11 +260,11 @@ def align_block(
     solver: SolverSettings,
     features_a: dict[str, torch.Tensor] | None = None,
     features_b: dict[str, torch.Tensor] | None = None,
-    expert_router: bool = True,
+    expert_cost: str = "weights+router",
 ) -> tuple[dict[str, torch.Tensor], dict[str, SpaceReport]]:
     """A with its units moved to B's order, and a report per space. Features default to weights
-    (experts are aligned on weights only). ``expert_router``: router rows count in the cost of
-    pairing experts."""
+    (experts are aligned on weights only); ``expert_cost``: how experts are paired
+    (:func:`deus_dist.ot.experts.align_experts`)."""
     fa_src = a if features_a is None else features_a
     fb_src = b if features_b is None else features_b
     aligned = dict(a)
@@ -278,7 +278,7 @@ def align_block(
     if arch.experts():
         from deus_dist.ot.experts import align_experts
 
-        aligned, expert_reports = align_experts(aligned, b, arch, solver, expert_router)
+        aligned, expert_reports = align_experts(aligned, b, arch, solver, expert_cost)
         reports.update(expert_reports)
     kv_plan, q_plan, reports["kv_heads"], reports["q_heads"] = head_plans(
         unit_features(fa_src, arch, "kv_heads", geo.kv_heads),

@@ -9,9 +9,11 @@ Two spaces (see ``deus_dist/architectures/mixtral.json``):
 
 Both orders are arbitrary: which slot an expert sits in, and the neuron order inside it. A cost on
 raw weights would compare unrelated neurons, so the cost of pairing expert a of A with expert b
-of B is their squared distance after a's neurons are transported onto b's (the neuron plan of
-that pair), plus, by default, the squared distance of their router rows. That needs E^2 neuron
-plans per block. Experts are then matched by an exact assignment whatever the neuron solver: E is
+of B (``cost``) is their squared distance after a's neurons are transported onto b's (the neuron
+plan of that pair), plus the squared distance of their router rows (``weights+router``, the
+default; ``weights`` leaves the rows out). That needs E^2 neuron plans per block. ``router``
+compares the router rows alone (they read the residual stream, which no layer permutes): E
+neuron plans, one per matched pair. Experts are then matched by an exact assignment whatever the neuron solver: E is
 small, and a soft mixture of experts is not an expert the router can select. A's expert moved to
 slot j takes the neuron plan of its pair with B's expert j.
 """
@@ -28,6 +30,7 @@ from deus_dist.ot.solvers import plan_cost, sq_dist_from_parts, sq_norms, transp
 
 EXPERTS = "experts"
 EXPERT_MLP = "expert_mlp"
+COSTS = ("weights+router", "weights", "router")
 
 
 def expert_units(arch: Architecture, shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int]:
@@ -53,11 +56,12 @@ def align_experts(
     b: dict[str, torch.Tensor],
     arch: Architecture,
     solver: SolverSettings,
-    router: bool = True,
+    cost: str = "weights+router",
 ) -> tuple[dict[str, torch.Tensor], dict[str, SpaceReport]]:
     """A with its experts (and their router rows) moved to B's order and each expert's neurons to
-    its partner's, and reports for ``experts`` and ``expert_mlp``. ``router``: the router rows
-    count in the cost of pairing experts."""
+    its partner's, and reports for ``experts`` and ``expert_mlp``; ``cost`` is one of ``COSTS``."""
+    if cost not in COSTS:
+        raise ValueError(f"unknown expert cost {cost!r}; choose one of {COSTS}")
     experts = arch.experts()
     E = len(experts)
     n = next(a[s].shape[0] for s in experts[0].values() if arch.block[s].rows == EXPERT_MLP)
@@ -67,32 +71,37 @@ def align_experts(
     norms_a = [sq_norms(p) for p in parts_a]
     norms_b = [sq_norms(p) for p in parts_b]
     device = norms_a[0].device
-    cost = torch.empty(E, E, dtype=torch.float64, device=device)
+    pair_cost = torch.zeros(E, E, dtype=torch.float64, device=device)
+    total_a = torch.zeros(E, dtype=torch.float64, device=device)
+    total_b = torch.zeros(E, dtype=torch.float64, device=device)
     kept: dict[tuple[int, int], tuple] = {}
     neuron_seconds = 0.0
-    for i in range(E):
-        for j in range(E):
-            c = sq_dist_from_parts(parts_a[i], parts_b[j], norms=(norms_a[i], norms_b[j]))
-            plan, info = solver.plan(c)
-            neuron_seconds += info.seconds
-            cost[i, j] = plan_cost(c, plan)
-            if plan.ndim == 1:  # a permutation costs n integers to keep; a soft plan is recomputed
-                kept[i, j] = (plan, info)
-    total_a = torch.stack([x.sum() for x in norms_a]).double()
-    total_b = torch.stack([x.sum() for x in norms_b]).double()
-    if router:
+    solved = 0
+    if cost != "router":
+        for i in range(E):
+            for j in range(E):
+                c = sq_dist_from_parts(parts_a[i], parts_b[j], norms=(norms_a[i], norms_b[j]))
+                plan, info = solver.plan(c)
+                neuron_seconds += info.seconds
+                solved += 1
+                pair_cost[i, j] = plan_cost(c, plan)
+                if plan.ndim == 1:  # a permutation costs n integers to keep; a soft plan is recomputed
+                    kept[i, j] = (plan, info)
+        total_a += torch.stack([x.sum() for x in norms_a]).double()
+        total_b += torch.stack([x.sum() for x in norms_b]).double()
+    if cost != "weights":
         ra, rb = _router_parts(a, arch, E), _router_parts(b, arch, E)
-        if ra:
-            cost += sq_dist_from_parts(ra, rb).double()
-            total_a += sq_norms(ra).double()
-            total_b += sq_norms(rb).double()
-    expert_plan, expert_info = transport_plan(cost, "exact")
+        if not ra:
+            raise ValueError(f"the {arch.family} block has no tensor in space {EXPERTS!r} (a router)")
+        pair_cost += sq_dist_from_parts(ra, rb).double()
+        total_a += sq_norms(ra).double()
+        total_b += sq_norms(rb).double()
+    expert_plan, expert_info = transport_plan(pair_cost, "exact")
     cost_seconds = time.perf_counter() - start - neuron_seconds
 
     aligned = dict(a)
     src = torch.argsort(expert_plan).tolist()  # A's expert src[j] goes to slot j
     pair_reports = []
-    solved = E * E
     for j, i in enumerate(src):
         c = sq_dist_from_parts(parts_a[i], parts_b[j], norms=(norms_a[i], norms_b[j]))
         if (i, j) in kept:
@@ -108,9 +117,9 @@ def align_experts(
                 aligned[experts[j][template]] = moved[suffix]
     apply_plan(aligned, arch, EXPERTS, expert_plan)  # the router rows follow their experts
 
-    expert_report = _report(expert_plan, expert_info, cost, total_a, total_b, expert_info.seconds)
+    expert_report = _report(expert_plan, expert_info, pair_cost, total_a, total_b, expert_info.seconds)
     expert_report.cost_seconds = cost_seconds
-    expert_report.extra = {"router_in_cost": router}
+    expert_report.extra = {"cost": cost}
     certified = [r.certified for r in pair_reports]
     neuron_report = SpaceReport(
         solver=pair_reports[0].solver,
