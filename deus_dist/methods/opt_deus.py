@@ -70,6 +70,7 @@ class OptDeus(Method):
         self.function_preserving = cfg.zero_init
         # Neuron spaces and how many plans each needs per block: (units, width, plans).
         self.neuron_spaces = []
+        self.kept_bytes = 0
         mlp = next((s for s, r in arch.block.items() if r.rows == "mlp"), None)
         if mlp is not None:
             self.neuron_spaces.append((*reader.tensors[arch.layer_name(0, mlp)].shape[:2], 1))
@@ -81,7 +82,10 @@ class OptDeus(Method):
             experts, units, width = expert_units(arch, shapes)
             pairs = experts if cfg.ot_expert_cost == "router" else experts * experts + experts
             self.neuron_spaces.append((units, width, pairs))
-        self.mlp_units = max(units for units, _, _ in self.neuron_spaces)
+            if cfg.ot_expert_cost != "router":
+                # the E^2 pairs' neuron permutations, kept until the experts are matched (int64)
+                self.kept_bytes = experts * experts * units * 8
+        self.mlp_units = max(n for n, _, _ in self.neuron_spaces)
         self.runner = None
         if cfg.ot_cost == "activations" and cfg.ot_variant == "aligned":
             import torch
@@ -150,10 +154,11 @@ class OptDeus(Method):
 
     def working_bytes(self, block_bytes):
         """Sources, the aligned copy that becomes the new block, the MLP cost and the solver's own
-        copy of it (exact: float64; sinkhorn: a few float64 n x n temporaries)."""
+        copy of it (exact: float64; sinkhorn: a few float64 n x n temporaries), and on a
+        mixture-of-experts block the expert pairs' neuron plans."""
         n2 = self.mlp_units**2 * 4
         solver = {"auction": 1, "exact": 2, "emd": 4, "sinkhorn": 6}[self.cfg.ot_solver]
-        return 3 * block_bytes + (1 + solver) * n2
+        return 3 * block_bytes + (1 + solver) * n2 + self.kept_bytes
 
     def block_flops(self):
         # Each neuron cost: an n x n product over gate rows, up rows and down columns (3 x width);
