@@ -113,6 +113,8 @@ def test_zero_init_moe_block_changes_no_logit(tmp_path, family, method):
                 assert not sd[name].any(), name
         router = next(s for s, r in arch.block.items() if r.rows == "experts")
         assert sd[arch.layer_name(i, router)].any()
+    if method == "opt-deus":  # small experts: the exact assignment stands in for the default auction
+        assert {d["expert_mlp"]["solver"] for d in m["diagnostics"].values()} == {"exact"}
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)

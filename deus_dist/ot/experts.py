@@ -31,6 +31,11 @@ from deus_dist.ot.solvers import plan_cost, sq_dist_from_parts, sq_norms, transp
 EXPERTS = "experts"
 EXPERT_MLP = "expert_mlp"
 COSTS = ("weights+router", "weights", "router")
+EXACT_UP_TO = 4096
+"""Experts of at most this many neurons get SciPy's exact assignment where the solver is the
+auction: at these sizes it is both optimal and faster (measured here, 2 shared CPUs, random
+0.02-scale weights: n = 768 exact 0.05 s vs auction 2.7 s; n = 3072 5.3 s vs 15.8 s). Routed
+experts are small (Qwen3-MoE 768, OLMoE 1024, Qwen2-MoE 1408); Mixtral's 14336 keep the auction."""
 
 
 def expert_units(arch: Architecture, shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int]:
@@ -65,6 +70,8 @@ def align_experts(
     experts = arch.experts()
     E = len(experts)
     n = next(a[s].shape[0] for s in experts[0].values() if arch.block[s].rows == EXPERT_MLP)
+    if solver.solver == "auction" and n <= EXACT_UP_TO:
+        solver = SolverSettings("exact", solver.reg, solver.max_iter, solver.gap_tol)
     start = time.perf_counter()
     parts_a = [_expert_parts(a, arch, experts[e], n) for e in range(E)]
     parts_b = [_expert_parts(b, arch, experts[e], n) for e in range(E)]
@@ -108,6 +115,7 @@ def align_experts(
             plan, info = kept[i, j]
         else:
             plan, info = solver.plan(c)
+            neuron_seconds += info.seconds
             solved += 1
         pair_reports.append(_report(plan, info, c, norms_a[i], norms_b[j], info.seconds))
         moved = {s: a[s] for s in experts[i].values() if s in a}
