@@ -73,6 +73,7 @@ setup(
             "deus-eval-ppl=deus_dist.cli.eval_ppl:main",
             "deus-eval-tasks=deus_dist.cli.eval_tasks:main",
             "deus-study=deus_dist.cli.study:main",
+            "deus-plan-memory=deus_dist.cli.plan_memory:main",
         ]
     },
 )

@@ -226,7 +226,9 @@ class ModelOptions:
     """Up-scaled checkpoint (an HF directory with deus_manifest.json, or a hub name). Default: the
     embedded SmolLM2-135M up-scaled by tools/fuse_layers.py's defaults (made first if missing)."""
     ds_config: str | None = None
-    """DeepSpeed JSON (ds_configs/zero3.json on GPUs, zero3_cpu.json on CPU). Its "auto" values
+    """DeepSpeed JSON (ds_configs/zero3.json on GPUs, zero3_cpu.json on CPU), or auto: the shipped
+    config tools/plan_memory.py recommends for this model, world size and batch (the fastest that
+    fits; printed with its reason; on CPUs among zero1.json, zero2.json, zero3_cpu.json). Its "auto" values
     are filled from the options below; explicit values must agree with them. Default:
     ds_configs/zero3.json when a GPU is visible, else ds_configs/zero3_cpu.json."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"

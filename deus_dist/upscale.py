@@ -26,7 +26,12 @@ from deus_dist.checkpoint import (
     TensorSpec,
     copy_aux_files,
 )
-from deus_dist.checkpoint.hf_config import config_hash, resolved_per_layer_lists, rewrite_config
+from deus_dist.checkpoint.hf_config import (
+    config_hash,
+    layer_types_of,
+    resolved_per_layer_lists,
+    rewrite_config,
+)
 from deus_dist.checkpoint.hub import resolve_model_path
 from deus_dist.checkpoint.manifest import build_manifest, read_manifest, write_manifest
 from deus_dist.checkpoint.writer import parse_size
@@ -69,15 +74,19 @@ class Job:
     device: torch.device
     block_suffixes: list[str]
     global_names: list[str]
+    layer_suffixes: list[list[str]]
+    """Each base layer's tensors (layers of different types hold different ones in a hybrid)."""
     tasks: list[Task]
     """The new blocks to make, in output order."""
     workers: WorkerPlan
 
 
 def _check_layers(
-    reader: CheckpointReader, arch: Architecture, num_layers: int
-) -> tuple[list[str], list[str]]:
-    """Block suffixes (in description order) and global tensor names; errors for anything odd."""
+    reader: CheckpointReader, arch: Architecture, num_layers: int, layer_types: list | None = None
+) -> tuple[list[str], list[str], list[list[str]]]:
+    """Block suffixes (in description order, over every layer type), global tensor names, and
+    each base layer's suffixes; errors for anything odd. ``layer_types``: each layer's type, for
+    families whose layers of different types hold different tensors."""
     per_layer: dict[int, set[str]] = {}
     global_names = []
     for name in reader.tensors:
@@ -94,14 +103,42 @@ def _check_layers(
         if i >= num_layers:
             raise CheckpointError(f"--model: tensor {name} is beyond num_hidden_layers={num_layers}")
         per_layer.setdefault(i, set()).add(suffix)
-    present = per_layer.get(0, set())
-    required = {s for s, r in arch.block.items() if not r.optional}
+    types = layer_types or [None] * num_layers
+    first_of_type: dict = {}
+    for i, t in enumerate(types):
+        first_of_type.setdefault(t, i)
+    layer_suffixes = []
     for i in range(num_layers):
+        allowed = arch.suffixes_of_type(types[i])
+        present = per_layer.get(first_of_type[types[i]], set())
+        required = {s for s in allowed if not arch.block[s].optional}
         have = per_layer.get(i, set())
         lacking = sorted((required | present) - have)
         if lacking:
             raise CheckpointError(f"--model: layer {i} lacks {lacking[:3]} (checkpoint incomplete?)")
-    return [s for s in arch.block if s in present], sorted(global_names)
+        foreign = sorted(have - set(allowed))
+        if foreign:
+            raise CheckpointError(
+                f"--model: layer {i} is a {types[i]} layer (config {arch.layer_type_list}) but holds {foreign[:3]}"
+            )
+        layer_suffixes.append([s for s in arch.block if s in have])
+    everywhere = set().union(*map(set, layer_suffixes)) if layer_suffixes else set()
+    return [s for s in arch.block if s in everywhere], sorted(global_names), layer_suffixes
+
+
+def _mixed_type_problems(plan: LayerPlan, layer_types: list | None, arch: Architecture) -> list[str]:
+    """A new block fuses two neighbours only if they are layers of one type."""
+    if not layer_types:
+        return []
+    bad = [src.base for src in plan.layers if src.new and len({layer_types[k] for k in src.base}) > 1]
+    if not bad:
+        return []
+    shown = ", ".join(f"gap {a} (layer {a} {layer_types[a]}, layer {b} {layer_types[b]})" for a, b in bad)
+    same = [k for k in range(len(layer_types) - 1) if layer_types[k] == layer_types[k + 1]]
+    return [
+        f"--positions/--placement: a new block is made only from two layers of one type "
+        f"({arch.layer_type_list}); {shown} would fuse two types. Gaps joining layers of one type: {same}"
+    ]
 
 
 def _default_out(model_dir: Path, method: str, layers: int) -> Path:
@@ -120,7 +157,7 @@ def default_output(cfg: FuseConfig) -> Path:
     else:
         model_dir = resolve_model_path(cfg.model)
     with CheckpointReader(model_dir) as reader:
-        num_layers = reader.config.get("num_hidden_layers")
+        num_layers = architecture_for(reader.config).config_value(reader.config, "num_hidden_layers")
     return _default_out(model_dir, method.name, method.plan(num_layers, cfg).num_layers_after)
 
 
@@ -145,12 +182,16 @@ def validate(cfg: FuseConfig, world: int = 1) -> Job:
     if reader is None or method is None:
         raise UserError(problems.items)
     arch = attempt(lambda: architecture_for(reader.config))
-    num_layers = reader.config.get("num_hidden_layers")
+    layers_key = arch.config_key("num_hidden_layers") if arch else "num_hidden_layers"
+    num_layers = reader.config.get(layers_key)
     if not isinstance(num_layers, int) or num_layers < 1:
-        problems.append(f"--model: config.json has no valid num_hidden_layers ({num_layers!r})")
+        problems.append(f"--model: config.json has no valid {layers_key} ({num_layers!r})")
         arch = None
-    layers = attempt(lambda: _check_layers(reader, arch, num_layers)) if arch else None
+    layer_types = layer_types_of(model_dir, reader.config, arch, num_layers) if arch else None
+    layers = attempt(lambda: _check_layers(reader, arch, num_layers, layer_types)) if arch else None
     plan = attempt(lambda: method.plan(num_layers, cfg)) if arch else None
+    if plan is not None and method.pair:
+        problems.items += _mixed_type_problems(plan, layer_types, arch)
     out = None
     if plan is not None:
         out = Path(cfg.out) if cfg.out else _default_out(model_dir, method.name, plan.num_layers_after)
@@ -163,7 +204,10 @@ def validate(cfg: FuseConfig, world: int = 1) -> Job:
     # Last: a method's own checks and whole-model preparation (calibration) cost the most.
     method.prepare(reader, arch, plan, cfg, layers[0])
     tasks = tasks_of(plan)
-    block_bytes = 4 * sum(math.prod(reader.tensors[arch.layer_name(0, s)].shape) for s in layers[0])
+    block_bytes = max(
+        4 * sum(math.prod(reader.tensors[arch.layer_name(i, s)].shape) for s in suffixes)
+        for i, suffixes in enumerate(layers[2])
+    )
     workers = plan_workers(cfg, method, block_bytes, len(tasks), world)
     return Job(
         cfg=cfg,
@@ -178,6 +222,7 @@ def validate(cfg: FuseConfig, world: int = 1) -> Job:
         device=torch.device(cfg.device),
         block_suffixes=layers[0],
         global_names=layers[1],
+        layer_suffixes=layers[2],
         tasks=tasks,
         workers=workers,
     )
@@ -191,7 +236,7 @@ def _specs(job: Job) -> list[TensorSpec]:
         TensorSpec(n, job.reader.tensors[n].shape, dtype_of(job.reader.tensors[n])) for n in job.global_names
     ]
     for i, src in enumerate(job.plan.layers):
-        for suffix in job.block_suffixes:
+        for suffix in job.layer_suffixes[src.base[0]]:
             info = job.reader.tensors[job.arch.layer_name(src.base[0], suffix)]
             specs.append(TensorSpec(job.arch.layer_name(i, suffix), info.shape, dtype_of(info)))
     return specs
@@ -216,8 +261,9 @@ def _progress(total: int, quiet: bool, desc: str):
 
 
 def block_shapes(job: Job) -> dict[str, tuple[int, ...]]:
-    """Shape of each tensor of a block, by suffix (every layer has the same)."""
-    return {s: job.reader.tensors[job.arch.layer_name(0, s)].shape for s in job.block_suffixes}
+    """Shape of each tensor of a block, by suffix (every layer holding it has the same)."""
+    first = {s: next(i for i, have in enumerate(job.layer_suffixes) if s in have) for s in job.block_suffixes}
+    return {s: job.reader.tensors[job.arch.layer_name(first[s], s)].shape for s in job.block_suffixes}
 
 
 def block_maker(job: Job):
@@ -250,7 +296,7 @@ def write_checkpoint(job: Job, tmp: Path, specs: list[TensorSpec]) -> dict:
                     assert task.index == i, f"block {task.index} arrived for layer {i}"
                     if report is not None:
                         job.method.reports[task.key] = report
-                for s in job.block_suffixes:
+                for s in job.layer_suffixes[src.base[0]]:
                     name = job.arch.layer_name(i, s)
                     if block is not None:
                         tensor = block[s]

@@ -27,10 +27,14 @@ def check_keys_and_shapes(model_dir: Path) -> None:
         config = AutoConfig.from_pretrained(model_dir)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    expected = {k: tuple(v.shape) for k, v in on_disk_state_dict(model).items()}
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    # On-disk names and shapes by transformers' own reverse conversion: its renamings (GPT-NeoX's
+    # lm_head is embed_out on disk) and its regrouping (stacked experts written one per expert).
+    state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in on_disk_state_dict(model, state).items()}
+    tied_names = [k for k in (getattr(model, "all_tied_weights_keys", None) or {}) if k in state]
+    tied = set(on_disk_state_dict(model, {k: state[k] for k in tied_names})) if tied_names else set()
     reader = CheckpointReader(model_dir, option="written checkpoint")
-    written = {k: v.shape for k, v in reader.tensors.items()}
+    written = {k: tuple(v.shape) for k, v in reader.tensors.items()}
     missing = sorted(set(expected) - set(written) - tied)
     unexpected = sorted(set(written) - set(expected))
     wrong = sorted(k for k in set(expected) & set(written) if expected[k] != written[k])

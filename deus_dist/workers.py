@@ -220,6 +220,11 @@ class Distributed:
     def owner(self, n: int) -> int:
         return n % self.world
 
+    def _suffixes(self, task: Task) -> list[str]:
+        """The block's tensors, in suffix order: those of its lower source layer (in a hybrid,
+        layers of different types hold different tensors)."""
+        return [s for s in self.shapes if self.arch.layer_name(task.layers[0], s) in self.reader.tensors]
+
     def _mine(self) -> list[Task]:
         return [t for n, t in enumerate(self.tasks) if self.owner(n) == self.rank]
 
@@ -227,7 +232,7 @@ class Distributed:
         """On ranks > 0: make this rank's blocks and send each to rank 0."""
         for task, block, report in InProcess(self.method, self.reader, self.arch, self._mine(), self.device):
             self.dist.send_object_list([task.index, report], dst=0)
-            for s in self.shapes:
+            for s in self._suffixes(task):
                 self.dist.send(block[s].to(self.wire, torch.float32).contiguous(), dst=0)
             del block
 
@@ -244,8 +249,8 @@ class Distributed:
             if index != task.index:
                 raise RuntimeError(f"rank {src} sent block {index}, expected {task.index}")
             block = {}
-            for s, shape in self.shapes.items():
-                buf = torch.empty(shape, dtype=torch.float32, device=self.wire)
+            for s in self._suffixes(task):
+                buf = torch.empty(self.shapes[s], dtype=torch.float32, device=self.wire)
                 self.dist.recv(buf, src=src)
                 block[s] = buf.to("cpu")
             yield task, block, report

@@ -36,6 +36,25 @@ def tiny_config(family: str, **overrides):
         return tf.Qwen3Config(use_sliding_window=True, sliding_window=16, max_window_layers=3, **kw)
     if family == "gemma3_text":
         return tf.Gemma3TextConfig(sliding_window=16, **kw)  # 5 sliding layers, then 1 global
+    if family == "gemma2":  # alternating sliding/global layers, both softcaps on
+        return tf.Gemma2Config(sliding_window=16, final_logit_softcapping=30.0, **kw)
+    if family == "olmo2":
+        return tf.Olmo2Config(pad_token_id=0, **kw)
+    if family == "phi3":  # fused qkv_proj (GQA) and gate_up_proj, partial rotary
+        return tf.Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=1, partial_rotary_factor=0.5, **kw)
+    if family == "bamba":  # Mamba2 layers 0, 1, 4, 5; attention layers 2, 3 (a pair OT can fuse)
+        return tf.BambaConfig(
+            attn_layer_indices=[2, 3],
+            mamba_n_heads=8,
+            mamba_n_groups=2,
+            mamba_d_state=8,
+            mamba_d_conv=4,
+            mamba_chunk_size=16,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=1,
+            **kw,
+        )
     # mixture-of-experts: 4 routed experts, top-2 (the per-expert intermediate differs per family)
     moe = dict(num_experts_per_tok=2, output_router_logits=False)
     if family == "mixtral":
@@ -48,10 +67,33 @@ def tiny_config(family: str, **overrides):
         return tf.Qwen2MoeConfig(
             num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48, **moe, **kw
         )
+    kw.pop("head_dim")
+    if family == "gpt_neox":  # fused per-head interleaved query_key_value, parallel residual, rotary on 1/4
+        kw.pop("num_key_value_heads")
+        return tf.GPTNeoXConfig(bos_token_id=1, eos_token_id=1, **kw)
+    if family == "gpt2":  # Conv1D weights stored [in, out], learned position embeddings
+        kw.pop("num_key_value_heads")
+        return tf.GPT2Config(n_inner=kw.pop("intermediate_size"), bos_token_id=1, eos_token_id=1, **kw)
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+FAMILIES = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma3_text",
+    "gemma2",
+    "olmo2",
+    "phi3",
+    "gpt_neox",
+    "gpt2",
+]
+NEW_FAMILIES = FAMILIES[5:]
+"""Families beyond the Llama-shaped five (issue 15): fused, post-norm and GPT-style blocks."""
+HYBRID = "bamba"
+"""A hybrid of state-space and attention layers: only pairs of one layer type fuse, so the
+default placements (which cross types) are tested on their own."""
 MOE_FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"]
 
 
@@ -200,6 +242,35 @@ def permutation_of_moe_layer(model, src: int, dst: int, seed: int = 0) -> None:
             B.mlp.shared_expert.gate_proj.weight.copy_(shared.gate_proj.weight[neurons])
             B.mlp.shared_expert.up_proj.weight.copy_(shared.up_proj.weight[neurons])
             B.mlp.shared_expert.down_proj.weight.copy_(shared.down_proj.weight[:, neurons])
+
+
+def permute_layer_by_description(model, src: int, dst: int, seed: int = 0) -> None:
+    """Make layer ``dst`` a copy of layer ``src`` with a random permutation of every space the
+    family's description names (KV groups, query heads within groups, MLP neurons), moved as the
+    description says (fused blocks, Conv1D layouts). Whether this is the same function is for the
+    caller to check with transformers' forward: that checks the description itself."""
+    from deus_dist.architectures import architecture_for
+    from deus_dist.ot.align import HeadGeometry, apply_plan, space_units
+
+    config = model.config.to_dict()
+    arch = architecture_for(config)
+    geo = HeadGeometry.from_config(config, arch)
+    layers = model.get_submodule(arch.layer_prefix.rstrip("."))
+    block = {k: v.detach().clone() for k, v in layers[src].state_dict().items() if k in arch.block}
+    units = space_units(block, arch, geo)
+    g = torch.Generator().manual_seed(seed)
+    r = geo.group
+    groups = torch.randperm(geo.kv_heads, generator=g)
+    plans = {
+        "mlp": torch.randperm(units["mlp"], generator=g),
+        "kv_heads": groups,
+        "q_heads": torch.cat([groups[a] * r + torch.randperm(r, generator=g) for a in range(geo.kv_heads)]),
+    }
+    for space, plan in plans.items():
+        apply_plan(block, arch, space, plan, units)
+    with torch.no_grad():
+        for name, t in block.items():
+            layers[dst].get_parameter(name).copy_(t)
 
 
 def layer_outputs(model, layer, hidden: torch.Tensor) -> torch.Tensor:

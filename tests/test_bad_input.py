@@ -66,14 +66,16 @@ def test_corrupt_header(tmp_path, capsys):
 def test_unsupported_architecture(tmp_path, capsys):
     base = make_tiny(tmp_path / "base")
     cfg = json.loads((base / "config.json").read_text())
-    cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    cfg.update(architectures=["FalconForCausalLM"], model_type="falcon")
     (base / "config.json").write_text(json.dumps(cfg))
     err = error_of(capsys, "--model", base, "--out", tmp_path / "out")
     assert (
-        "unsupported architecture GPT2LMHeadModel" in err
+        "unsupported architecture FalconForCausalLM" in err
         and "LlamaForCausalLM" in err
         and "Qwen3ForCausalLM" in err
+        and "Olmo2ForCausalLM" in err
     )
+    assert "deus_dist/architectures/<family>.json" in err  # the file to add
 
 
 @pytest.mark.parametrize(

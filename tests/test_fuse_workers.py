@@ -143,12 +143,12 @@ def test_each_gpu_holds_one_worker(base, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setattr(workers, "available_memory", lambda device: int(1.5 * per_worker / 0.9))
-    plan = prepare(FuseConfig(model=str(base), out=str(tmp_path / "out"), device="cuda")).workers
+    plan = validate(FuseConfig(model=str(base), out=str(tmp_path / "out"), device="cuda")).workers
     assert plan.count == 3 and plan.devices == ["cuda:0", "cuda:1", "cuda:2"]  # one per new block
-    explicit = prepare(FuseConfig(model=str(base), out=str(tmp_path / "out"), device="cuda", workers=3))
+    explicit = validate(FuseConfig(model=str(base), out=str(tmp_path / "out"), device="cuda", workers=3))
     assert explicit.workers.count == 3
     monkeypatch.setattr(workers, "available_memory", lambda device: per_worker // 2)
     with pytest.raises(
         UserError, match="free on the smallest GPU, room for 0; use a machine with more memory"
     ):
-        prepare(FuseConfig(model=str(base), out=str(tmp_path / "out"), device="cuda"))
+        validate(FuseConfig(model=str(base), out=str(tmp_path / "out"), device="cuda"))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import fuse, load_manifest, make_tiny, state_dict
+from conftest import NEW_FAMILIES, fuse, load_manifest, make_tiny, state_dict
+from deus_dist.architectures import architecture_for
 
 
 def test_lesa_tiny(tmp_path):
@@ -39,3 +43,24 @@ def test_lesa_tiny(tmp_path):
     assert fuse("--model", base, "--out", other, "--method", "lesa", "--seed", "4", "--quiet") == 0
     c = state_dict(other)
     assert not torch.equal(c["model.layers.3.mlp.up_proj.weight"], a["model.layers.3.mlp.up_proj.weight"])
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_lesa_on_every_new_family(tmp_path, family):
+    """Fused (Phi-3), Conv1D (GPT-2) and biased (GPT-NeoX) blocks: every matrix predicted, the
+    output loads with no missing or unexpected keys."""
+    base = make_tiny(tmp_path / "base", family)
+    out = tmp_path / "out"
+    assert fuse("--model", base, "--out", out, "--method", "lesa", "--num_new", "2", "--quiet") == 0
+    _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    arch = architecture_for(json.loads((base / "config.json").read_text()))
+    m, base_sd, sd = load_manifest(out), state_dict(base), state_dict(out)
+    fitted = set(m["diagnostics"]["fit_loss"])
+    assert fitted == {
+        s for s in arch.block if s.endswith(".weight") and base_sd[arch.layer_name(0, s)].ndim == 2
+    }
+    for new in m["new_layers"]:
+        for s in fitted:
+            w = sd[arch.layer_name(new, s)]
+            assert w.shape == base_sd[arch.layer_name(0, s)].shape and w.abs().sum() > 0

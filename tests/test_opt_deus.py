@@ -10,12 +10,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import (
+    HYBRID,
+    NEW_FAMILIES,
     add_char_tokenizer,
     fuse,
     layer_outputs,
     load_manifest,
     make_tiny,
     permutation_of_layer,
+    permute_layer_by_description,
     state_dict,
 )
 from deus_dist.architectures import architecture_for
@@ -77,6 +80,49 @@ def test_permuted_copy_is_recovered(tmp_path, shape, cost):
     assert new_block_matches_a(model, avg) > 1e-2
 
 
+def model_logits(model, ids) -> torch.Tensor:
+    if not isinstance(model, torch.nn.Module):
+        model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("family", [*NEW_FAMILIES, HYBRID])  # Bamba: K, K+1 are its attention pair
+@pytest.mark.parametrize("cost", ["weights", "activations"])
+def test_permuted_copy_is_recovered_in_every_family(tmp_path, family, cost):
+    """Layer K+1 := layer K with every space the description names permuted (fused blocks,
+    NeoX's per-head interleaving, Conv1D layouts): the fused pair must compute layer K's
+    function, i.e. the up-scaled model equals the one with a plain copy of layer K inserted."""
+    path = make_tiny(tmp_path / "base", family)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    arch = architecture_for(model.config.to_dict())
+    twin = copy.deepcopy(model)
+    twin_layers = twin.get_submodule(arch.layer_prefix.rstrip("."))
+    twin_layers[K + 1].load_state_dict(twin_layers[K].state_dict())
+    permute_layer_by_description(model, K, K + 1, seed=1)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(4))
+    # the description is right: the permuted layer computes layer K's function...
+    torch.testing.assert_close(model_logits(model, ids), model_logits(twin, ids), atol=1e-5, rtol=1e-5)
+    # ...and the permutation moved every space (not an identity)
+    layers = model.get_submodule(arch.layer_prefix.rstrip("."))
+    before = layers[K].state_dict()
+    moved = [s for s, t in layers[K + 1].state_dict().items() if not torch.equal(t, before[s])]
+    assert {"mlp", "kv_heads", "q_heads"} <= set().union(*(arch.block[s].spaces() for s in moved))
+    model.save_pretrained(path)
+    add_char_tokenizer(path)
+    fused, copied = tmp_path / "fused", tmp_path / "copied"
+    assert fuse_pair(path, fused, "--ot_solver", "exact", "--ot_cost", cost, "--calib_tokens", "256") == 0
+    assert fuse("--model", path, "--out", copied, "--method", "copy", "--positions", K, "--quiet") == 0
+    want = model_logits(copied, ids)
+    assert (model_logits(fused, ids) - want).abs().max().item() < 1e-4
+    diag = load_manifest(fused)["diagnostics"][f"{K}-{K + 1}"]
+    assert all(diag[space]["sharpness"] == 1.0 for space in ("mlp", "kv_heads", "q_heads"))
+    # contrast: plain averaging of the unaligned pair does not give layer K's function
+    avg = tmp_path / "avg"
+    assert fuse("--model", path, "--out", avg, "--positions", K, "--method", "avg", "--quiet") == 0
+    assert (model_logits(avg, ids) - want).abs().max().item() > 1e-3
+
+
 def blocks(path, layers):
     sd = state_dict(path)
     arch = architecture_for(json.loads((path / "config.json").read_text()))
@@ -124,7 +170,7 @@ def test_permuting_b_does_not_change_the_fused_function(tmp_path, solver):
     assert (y1 - y2).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3_text", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3_text", "mistral", *NEW_FAMILIES])
 def test_zero_init_keeps_logits(tmp_path, family):
     path = make_tiny(tmp_path / "base", family)
     out = tmp_path / "out"

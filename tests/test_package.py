@@ -32,6 +32,7 @@ ENTRY_POINTS = {
     "deus-eval-ppl": ("deus_dist.cli.eval_ppl", "eval"),
     "deus-eval-tasks": ("deus_dist.cli.eval_tasks", "eval"),
     "deus-study": ("deus_dist.cli.study", "study"),
+    "deus-plan-memory": ("deus_dist.cli.plan_memory", None),
 }
 
 

@@ -70,7 +70,7 @@ def test_every_shipped_ds_config_loads_through_the_launcher_parser(path):
         raw, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, world_size=4, cuda="cpu" not in path.name
     )
     assert ds["train_batch_size"] == 2 * 3 * 4
-    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage"] == int(path.name[len("zero")])  # zero1, zero2, zero3*.json
     assert "auto" not in json.dumps(ds)
 
 

@@ -33,11 +33,41 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 DUMP = REPO / "tests" / "helpers" / "dump_trainable_state.py"
 
 
+SHARDINGS = {"zero3": "zero3_cpu.json", "zero2": "zero2.json", "zero1": "zero1.json"}
+"""The shipped configs the engine is checked under (ZeRO-1/2 keep the frozen weights replicated)."""
+
+
 @pytest.fixture(scope="module")
-def stopped(train_setup):
+def sharding(request) -> str:
+    """zero3 (the shipped CPU config) unless a test asks for others (indirect parametrization)."""
+    return getattr(request, "param", "zero3")
+
+
+def sharded(sharding: str) -> list:
+    """Options that put a run under ``sharding`` (train_args' own --ds_config is ZeRO-3's; the last wins)."""
+    return [] if sharding == "zero3" else ["--ds_config", REPO / "ds_configs" / SHARDINGS[sharding]]
+
+
+@pytest.fixture(scope="module")
+def reference(request, train_setup, sharding):
+    """The uninterrupted 6-step run under ``sharding`` (conftest's shared one for ZeRO-3)."""
+    if sharding == "zero3":
+        return request.getfixturevalue("uninterrupted")
+    launch(
+        train_args(
+            train_setup, f"full-{sharding}", "--grad_accum", "2", "--max_steps", "6", *sharded(sharding)
+        )
+    )
+    return train_setup[0] / f"full-{sharding}"
+
+
+@pytest.fixture(scope="module")
+def stopped(train_setup, sharding):
     """2 ranks, global batch 8, stopped after step 3 of 6 (a checkpoint at step 3)."""
-    launch(train_args(train_setup, "stopped", "--grad_accum", "2", "--max_steps", "6", "--stop_at_step", "3"))
-    return train_setup[0] / "stopped"
+    name = "stopped" if sharding == "zero3" else f"stopped-{sharding}"
+    extra = ["--grad_accum", "2", "--max_steps", "6", "--stop_at_step", "3", *sharded(sharding)]
+    launch(train_args(train_setup, name, *extra))
+    return train_setup[0] / name
 
 
 def copy_run(src: Path, name: str) -> Path:
@@ -58,7 +88,11 @@ def assert_continues(run: Path, reference: Path, rel: float) -> None:
         torch.testing.assert_close(wb[name], wa[name], rtol=10 * rel, atol=1e-6)
 
 
-def test_loss_falls_and_only_new_layers_change(train_setup, uninterrupted):
+@pytest.mark.parametrize("sharding", ["zero3", "zero2"], indirect=True)
+def test_loss_falls_and_only_new_layers_change(train_setup, reference, sharding):
+    """Frozen weights stay as they were (replicated under ZeRO-2, partitioned under ZeRO-3), the
+    export is a plain HF checkpoint."""
+    uninterrupted = reference
     _, model, data = train_setup
     records = read_metrics(uninterrupted)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
@@ -91,12 +125,24 @@ def test_loss_falls_and_only_new_layers_change(train_setup, uninterrupted):
     assert manifest["new_layers"] == sorted(new)
 
 
-def test_resumed_run_equals_uninterrupted(train_setup, uninterrupted, stopped):
+@pytest.mark.parametrize("sharding", ["zero3", "zero2", "zero1"], indirect=True)
+def test_resumed_run_equals_uninterrupted(train_setup, reference, stopped, sharding):
+    uninterrupted = reference
     assert [r["step"] for r in read_metrics(stopped)] == [1, 2, 3]
     assert not (stopped / "final").exists()
-    run = copy_run(stopped, "resumed")
+    run = copy_run(stopped, f"resumed-{sharding}")
     second = launch(
-        train_args(train_setup, "resumed", "--max_steps", "6", "--save_every", "1", "--keep_checkpoints", "2")
+        train_args(
+            train_setup,
+            f"resumed-{sharding}",
+            "--max_steps",
+            "6",
+            "--save_every",
+            "1",
+            "--keep_checkpoints",
+            "2",
+            *sharded(sharding),
+        )
     )
     assert "resumed from" in second.stdout
     kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
@@ -104,9 +150,10 @@ def test_resumed_run_equals_uninterrupted(train_setup, uninterrupted, stopped):
     assert_continues(run, uninterrupted, rel=1e-5)
 
 
-def dump(setup, run: str, nproc: int, out: Path) -> dict:
+def dump(setup, run: str, nproc: int, out: Path, sharding: str = "zero3") -> dict:
     """Every trainable tensor's fp32 master and Adam moments after the launcher's resume path."""
-    cmd = launch_cmd([out, *train_args(setup, run, "--max_steps", "6")], "torchrun", nproc, script=DUMP)
+    args = train_args(setup, run, "--max_steps", "6", *sharded(sharding))
+    cmd = launch_cmd([out, *args], "torchrun", nproc, script=DUMP)
     proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
@@ -121,16 +168,19 @@ def assert_same_state(a: dict, b: dict) -> None:
         assert states["exp_avg_sq"].abs().sum() > 0  # real moments, not a fresh optimizer
 
 
-def test_resume_on_fewer_ranks_converts_the_checkpoint(train_setup, uninterrupted, stopped, tmp_path):
+@pytest.mark.parametrize("sharding", ["zero3", "zero2"], indirect=True)
+def test_resume_on_fewer_ranks_converts_the_checkpoint(train_setup, reference, stopped, sharding, tmp_path):
     """2 ranks -> 1: DeepSpeed's universal checkpoint carries the fp32 masters and Adam moments
     exactly; --grad_accum doubles to keep the global batch, so the losses continue as the
     uninterrupted run's."""
-    run = copy_run(stopped, "to-one")
-    source = dump(train_setup, "to-one", 2, tmp_path / "two.pt")
-    converted = dump(train_setup, "to-one", 1, tmp_path / "one.pt")
+    uninterrupted = reference
+    name = f"to-one-{sharding}"
+    run = copy_run(stopped, name)
+    source = dump(train_setup, name, 2, tmp_path / "two.pt", sharding)
+    converted = dump(train_setup, name, 1, tmp_path / "one.pt", sharding)
     assert (run / "checkpoints" / "step-00000003" / "universal").is_dir()
     assert_same_state(source, converted)
-    proc = launch(train_args(train_setup, "to-one", "--max_steps", "6"), nproc=1)
+    proc = launch(train_args(train_setup, name, "--max_steps", "6", *sharded(sharding)), nproc=1)
     assert "world size 2 -> 1: --grad_accum 4 keeps the global batch of 8 sequences" in proc.stdout
     assert_continues(run, uninterrupted, rel=1e-4)
 
@@ -429,3 +479,32 @@ def test_moe_trains_with_the_router_aux_loss_resumes_exactly_and_exports(moe_tra
     assert_continues(root / "stopped", root / "full", rel=1e-5)
     resumed = read_metrics(root / "stopped")
     assert [r["aux_loss"] for r in resumed] == pytest.approx([r["aux_loss"] for r in records], rel=1e-5)
+
+
+def test_gpt_neox_trains_resumes_and_exports(tmp_path):
+    """A GPT-style family (GPT-NeoX: fused per-head qkv, LayerNorm biases, parallel residual)
+    under the same engine: only the new layers change, a stopped run resumes to the same weights
+    and the export loads."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_training_model, write_wiki_jsonl
+
+    model = make_training_model(tmp_path, "gpt_neox")
+    setup = (tmp_path, model, write_wiki_jsonl(tmp_path / "wiki.jsonl", articles=4))
+    full = tmp_path / "full"
+    launch(train_args(setup, "full", "--grad_accum", "2", "--max_steps", "4"))
+    launch(train_args(setup, "part", "--grad_accum", "2", "--max_steps", "4", "--stop_at_step", "2"))
+    launch(train_args(setup, "part", "--max_steps", "4"))
+    assert_continues(tmp_path / "part", full, rel=1e-5)
+
+    new = set(load_manifest(model)["new_layers"])
+    base, final = state_dict(model), state_dict(full / "final")
+    changed = {n for n in base if not torch.equal(base[n], final[n])}
+    assert changed and all(any(n.startswith(f"gpt_neox.layers.{i}.") for i in new) for n in changed)
+    for i in new:  # the zero-init output projections and their biases trained
+        assert {
+            f"gpt_neox.layers.{i}.attention.dense.bias",
+            f"gpt_neox.layers.{i}.mlp.dense_4h_to_h.weight",
+        } <= changed
+    _, info = AutoModelForCausalLM.from_pretrained(full / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]

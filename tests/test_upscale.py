@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import FAMILIES, MOE_FAMILIES, fuse, load_manifest, make_tiny, state_dict
+from conftest import FAMILIES, HYBRID, MOE_FAMILIES, fuse, load_manifest, make_tiny, state_dict
 from deus_dist.architectures import architecture_for
 
 METHODS = ["copy", "avg", "llama-pro", "solar"]
@@ -44,9 +44,8 @@ def test_every_family_and_method(tmp_path, family, method):
     manifest = load_manifest(out)
     base_cfg = json.loads((base / "config.json").read_text())
     out_cfg = json.loads((out / "config.json").read_text())
-    L = base_cfg["num_hidden_layers"]
+    L = AutoConfig.from_pretrained(base).num_hidden_layers
     assert manifest["num_layers_before"] == L
-    assert out_cfg["num_hidden_layers"] == manifest["num_layers_after"] == len(manifest["layers"])
     assert manifest["new_layers"] == [e["index"] for e in manifest["layers"] if "base" not in e["source"]]
     assert manifest["method"] == method and manifest["history"] == []
     expected_new = {"solar": L - 2 * (L // 4)}.get(method, L // 2)
@@ -55,7 +54,10 @@ def test_every_family_and_method(tmp_path, family, method):
     # transformers loads it with no missing or unexpected keys
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    assert len(model.model.layers) == out_cfg["num_hidden_layers"]
+    arch = architecture_for(base_cfg)
+    L_out = out_cfg[arch.config_key("num_hidden_layers")]
+    assert L_out == manifest["num_layers_after"] == len(manifest["layers"])
+    assert len(model.get_submodule(arch.layer_prefix.rstrip("."))) == L_out
 
     # per-layer config fields follow the layout (a new block takes its lower source's settings)
     resolved_base = AutoConfig.from_pretrained(base)
@@ -66,7 +68,6 @@ def test_every_family_and_method(tmp_path, family, method):
         assert model.config.layer_types == [base_types[k] for k in lower]
 
     # every output layer holds exactly what the manifest says it came from
-    arch = architecture_for(base_cfg)
     base_sd, out_sd = state_dict(base), state_dict(out)
     for entry in manifest["layers"]:
         want = expected_layer(
@@ -94,6 +95,65 @@ def test_llama_pro_keeps_logits_identical(tmp_path, family):
     assert fuse("--model", base, "--out", out, "--method", "llama-pro", "--quiet") == 0
     ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
     assert torch.equal(logits(base, ids), logits(out, ids))
+
+
+@pytest.mark.parametrize("method", ["copy", "llama-pro", "solar"])
+def test_hybrid_copy_methods(tmp_path, method):
+    """Bamba (Mamba2 layers 0, 1, 4, 5; attention 2, 3): copies keep each layer's type, the
+    attention layer list follows the layout, and llama-pro's zeroed out_proj/o_proj/down_proj keep
+    the logits."""
+    base = make_tiny(tmp_path / "base", HYBRID)
+    out = tmp_path / "out"
+    assert fuse("--model", base, "--out", out, "--method", method, "--quiet") == 0
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    manifest = load_manifest(out)
+    lower = [next(iter(e["source"].values())) for e in manifest["layers"]]
+    base_types = AutoConfig.from_pretrained(base).layers_block_type
+    assert model.config.layers_block_type == [base_types[k] for k in lower]
+    assert json.loads((out / "config.json").read_text())["attn_layer_indices"] == [
+        i for i, k in enumerate(lower) if k in (2, 3)
+    ]
+    base_sd, out_sd = state_dict(base), state_dict(out)
+    for entry, k in zip(manifest["layers"], lower, strict=True):
+        prefix = f"model.layers.{k}."
+        for name, t in base_sd.items():
+            if name.startswith(prefix):
+                got = out_sd[f"model.layers.{entry['index']}.{name[len(prefix) :]}"]
+                zeroed = (
+                    method == "llama-pro"
+                    and "copy" in entry["source"]
+                    and name.endswith(("out_proj.weight", "o_proj.weight", "down_proj.weight"))
+                )
+                assert torch.equal(got, torch.zeros_like(t) if zeroed else t), (entry, name)
+    if method == "llama-pro":
+        ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+        assert torch.equal(logits(base, ids), logits(out, ids))
+
+
+def test_hybrid_pairs_fuse_only_layers_of_one_type(tmp_path, capsys):
+    """avg and opt-deus fuse the attention pair (gap 2); a gap across types is refused naming it,
+    opt-deus refuses a pair of Mamba2 layers (no transport for their channels), lesa refuses."""
+    base = make_tiny(tmp_path / "base", HYBRID)
+    for method in ("avg", "opt-deus"):
+        out = tmp_path / method
+        assert (
+            fuse("--model", base, "--out", out, "--method", method, "--positions", "2", "--verify", "--quiet")
+            == 0
+        )
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["attn_layer_indices"] == [2, 3, 4] and load_manifest(out)["new_layers"] == [3]
+    capsys.readouterr()
+    assert fuse("--model", base, "--out", tmp_path / "x", "--method", "avg", "--positions", "1,3") == 2
+    err = capsys.readouterr().err
+    assert "gap 1 (layer 1 linear_attention, layer 2 full_attention)" in err
+    assert "gap 3 (layer 3 full_attention, layer 4 linear_attention)" in err and "[0, 2, 4]" in err
+    assert fuse("--model", base, "--out", tmp_path / "x", "--method", "opt-deus", "--positions", "0,4") == 2
+    err = capsys.readouterr().err
+    assert "gaps [0, 4] join two linear_attention layers" in err and "mamba.in_proj.weight" in err
+    assert fuse("--model", base, "--out", tmp_path / "x", "--method", "lesa", "--positions", "2") == 2
+    assert "--method lesa" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_avg_changes_logits(tmp_path, tiny_llama):

@@ -9,12 +9,17 @@ Runs (``--runs``, comma-separated ``KIND:TRAINABLE``):
   plain:top          plain PyTorch: bf16 autocast on GPU, fp32 trainable weights, fused AdamW
   engine:top         our engine under --ds_config (ZeRO-3 as shipped), decoder layers as z3 leaves
   engine-noleaf:top  the same with DeepSpeed's per-sub-module hooks (the straight set-up)
+  engine-z2:top      our engine under ds_configs/zero2.json (frozen weights replicated)
+  engine-z1:top      our engine under ds_configs/zero1.json
   TRAINABLE: top / bottom / interleaved (the new layers of that placement) or full (every layer)
 
 examples:
   python tools/bench_train.py                      # GPU: the 1.72B shape; CPU: a small shape
   python tools/bench_train.py --runs plain:top,engine:top,engine:full --steps 10
   DS_ACCELERATOR=cpu python tools/bench_train.py --shape small --runs plain:top,engine:top,engine-noleaf:top
+  python tools/bench_train.py --runs plain:top,engine:top,engine-z2:top,engine-z1:top   # every sharding
+
+Every engine run is also printed as a ratio to plain PyTorch with the same trainable set.
 """
 
 from __future__ import annotations
@@ -63,6 +68,9 @@ SHAPES = {
         micro_batch=2,
     ),
 }
+
+
+TRAINABLE = ("top", "bottom", "interleaved", "full")
 
 
 def model_config(shape: dict):
@@ -176,16 +184,27 @@ def engine_run(config, chosen_prefixes, batches, device, lr, ds_path, leaf):
     return engine, step, counts["trainable"]
 
 
+SHARDED = {"engine-z2": "zero2.json", "engine-z1": "zero1.json"}
+"""Engine runs under another shipped config than --ds_config."""
+KINDS = ("plain", "engine", "engine-noleaf", *SHARDED)
+
+
 def measure(kind, which, args, shape, config, device, batches) -> dict:
+    from deus_dist.resources import DS_CONFIGS
+
     prefixes = trainable_set(config, shape, which)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    # ZeRO-3's loader replaces F.linear for the rest of the process (deepspeed/runtime/zero/linear.py);
+    # each run gets the process as a run of its own would find it
+    linear = torch.nn.functional.linear
     if kind == "plain":
         holder, step, trainable = plain_run(config, prefixes, device, args.lr)
     else:
+        ds_path = DS_CONFIGS / SHARDED[kind] if kind in SHARDED else args.ds_config
         holder, step, trainable = engine_run(
-            config, prefixes, batches, device, args.lr, args.ds_config, leaf=kind == "engine"
+            config, prefixes, batches, device, args.lr, ds_path, leaf=kind != "engine-noleaf"
         )
     times = []
     for i, ids in enumerate(batches):
@@ -203,8 +222,15 @@ def measure(kind, which, args, shape, config, device, batches) -> dict:
         "backward_ms": statistics.median(t[1] for t in times),
         "optimizer_ms": statistics.median(t[2] for t in times),
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
+        "peak_mem_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
     }
+    if hasattr(holder, "destroy"):
+        holder.destroy()
     del holder, step
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # the next model is not loaded into ZeRO-3 partitions
+    torch.nn.functional.linear = linear
     gc.collect()
     return result
 
@@ -252,9 +278,15 @@ def main(argv=None) -> int:
     print(
         f"{'run':22} {'trainable':>11} {'tokens/s':>10} {'step ms':>9} {'fwd':>8} {'bwd':>8} {'opt':>8} {'peak GB':>8}"
     )
+    specs = [spec.split(":") for spec in args.runs.split(",")]
+    bad = [":".join(s) for s in specs if len(s) != 2 or s[0] not in KINDS or s[1] not in TRAINABLE]
+    if bad:
+        parser.error(
+            f"--runs: {', '.join(bad)}: each run is KIND:TRAINABLE, KIND one of {', '.join(KINDS)}, "
+            f"TRAINABLE one of {', '.join(TRAINABLE)}"
+        )
     results = []
-    for spec in args.runs.split(","):
-        kind, which = spec.split(":")
+    for kind, which in specs:
         r = measure(kind, which, args, shape, config, device, batches)
         results.append(r)
         mem = f"{r['peak_mem_gb']:8.1f}" if r["peak_mem_gb"] is not None else f"{'-':>8}"
@@ -264,16 +296,18 @@ def main(argv=None) -> int:
             flush=True,
         )
     by = {r["run"]: r["tokens_per_s"] for r in results}
-    for a, b, label in (
-        ("engine:top", "plain:top", "engine / plain (top)"),
-        ("engine-noleaf:top", "plain:top", "straight ZeRO-3 / plain (top)"),
-        ("engine:top", "engine:full", "top / full (engine)"),
-    ):
-        if a in by and b in by:
-            print(f"{label:32} {by[a] / by[b]:.2f}x")
+    ratios = {}
+    for kind, which in specs:  # every engine run against plain PyTorch with the same trainable set
+        if kind != "plain" and f"plain:{which}" in by:
+            ratios[f"{kind}:{which} / plain:{which}"] = by[f"{kind}:{which}"] / by[f"plain:{which}"]
+    if "engine:top" in by and "engine:full" in by:
+        ratios["engine:top / engine:full"] = by["engine:top"] / by["engine:full"]
+    for label, ratio in ratios.items():
+        print(f"{label:40} {ratio:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "shape": args.shape, "results": results}, f, indent=2)
+            report = {"device": name, "cuda": cuda, "shape": args.shape, "results": results, "ratios": ratios}
+            json.dump(report, f, indent=2)
     return 0
 
 

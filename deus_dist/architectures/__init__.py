@@ -4,11 +4,21 @@ Each family is one JSON file in this folder (see ``llama.json`` for the schema).
 ``extend`` another: its ``block`` entries are added to the parent's, other keys replace the
 parent's. Adding a family is adding a file; no code here knows any family by name.
 
-Mixture-of-experts blocks: a block key holding ``{expert}`` stands for one tensor per routed
-expert; ``expert_count`` names the config fields that may hold the number of experts, and
-:func:`architecture_for` expands the keys for the checkpoint's config (each expanded role knows its
-``expert`` and ``template``). ``requires`` lists config values the description assumes (a
-checkpoint whose config says otherwise is refused, naming the field).
+Beyond the Llama block, a description can say:
+- ``"rows": ["q_heads", "kv_heads", "kv_heads"]``: a fused tensor (Phi-3's ``qkv_proj``,
+  GPT-2's ``c_attn``) whose rows are consecutive blocks, each in its own space; every unit of
+  every block has the same number of rows (so a block holds units(space) x that many rows);
+- ``"transposed": true``: the tensor is stored [in, out] (GPT-2's ``Conv1D``); ``rows`` and
+  ``cols`` still name the spaces of its outputs and inputs;
+- ``"layer_type": "linear_attention"`` with the family's ``layer_type_list``: the tensor exists
+  only in layers of that type (a hybrid such as Bamba); ``layer_index_lists`` are config fields
+  listing the indices of layers of one type (rewritten for the new layout);
+- ``config_names``: this family's config.json name for a standard field (GPT-2's ``n_layer``).
+- a block key holding ``{expert}`` (a mixture-of-experts block): one tensor per routed expert;
+  ``expert_count`` names the config fields that may hold the number of experts, and
+  :func:`architecture_for` expands the keys for the checkpoint's config (each expanded role knows
+  its ``expert`` and ``template``); ``requires`` lists config values the description assumes (a
+  checkpoint whose config says otherwise is refused, naming the field).
 """
 
 from __future__ import annotations
@@ -26,7 +36,8 @@ from deus_dist.errors import UserError
 class TensorRole:
     """What one block tensor is: the space of its rows (and columns, for matrices)."""
 
-    rows: str
+    rows: str | tuple[str, ...]
+    """The space of the rows (outputs), or of each block of rows of a fused tensor."""
     cols: str | None = None
     optional: bool = False
     output: bool = False
@@ -36,6 +47,22 @@ class TensorRole:
     """The routed expert the tensor belongs to (set when a ``{expert}`` key is expanded)."""
     template: str | None = None
     """The block key it was expanded from (``mlp.experts.{expert}.up_proj.weight``)."""
+    transposed: bool = False
+    """Stored [in, out] (GPT-2's Conv1D) instead of [out, in]."""
+    layer_type: str | None = None
+    """Present only in layers of this type (the family's ``layer_type_list``); None: in every layer."""
+
+    def __post_init__(self):
+        if isinstance(self.rows, list):
+            object.__setattr__(self, "rows", tuple(self.rows))
+
+    @property
+    def row_spaces(self) -> tuple[str, ...]:
+        """The spaces of the row blocks (one for an unfused tensor)."""
+        return self.rows if isinstance(self.rows, tuple) else (self.rows,)
+
+    def spaces(self) -> set[str]:
+        return {*self.row_spaces, *((self.cols,) if self.cols else ())}
 
 
 EXPERT = "{expert}"
@@ -58,6 +85,14 @@ class Architecture:
     """Config fields that may hold the number of routed experts (the first present is used)."""
     requires: dict = field(default_factory=dict)
     """Config values the description assumes (absent fields take transformers' default)."""
+    config_names: dict[str, str] = field(default_factory=dict)
+    """This family's config.json key for a standard field (GPT-2: ``num_hidden_layers`` is
+    ``n_layer``), as the config class's ``attribute_map`` says."""
+    layer_type_list: str | None = None
+    """Config attribute (as transformers resolves it) giving each layer's type, for families
+    whose layers of different types hold different tensors (``TensorRole.layer_type``)."""
+    layer_index_lists: tuple[str, ...] = ()
+    """Config fields listing the indices of the layers of one type (Bamba's ``attn_layer_indices``)."""
     _layer_re: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -109,6 +144,18 @@ class Architecture:
                 block[key.replace(EXPERT, str(e))] = replace(role, expert=e, template=key)
         return replace(self, block=block)
 
+    def config_key(self, name: str) -> str:
+        """The config.json key of a standard field (``num_hidden_layers``) in this family."""
+        return self.config_names.get(name, name)
+
+    def config_value(self, config: dict, name: str, default=None):
+        return config.get(self.config_key(name), default)
+
+    def suffixes_of_type(self, layer_type: str | None) -> list[str]:
+        """Block suffixes a layer of ``layer_type`` may hold (every suffix when the family has
+        a single layer type)."""
+        return [s for s, r in self.block.items() if r.layer_type is None or r.layer_type == layer_type]
+
 
 def _load_raw(name: str) -> dict:
     path = resources.files(__package__).joinpath(f"{name}.json")
@@ -142,6 +189,9 @@ def all_architectures() -> tuple[Architecture, ...]:
                 layer_prefix_counts=tuple(raw.get("layer_prefix_counts", ())),
                 expert_count=tuple(raw.get("expert_count", ())),
                 requires=raw.get("requires", {}),
+                config_names=dict(raw.get("config_names", {})),
+                layer_type_list=raw.get("layer_type_list"),
+                layer_index_lists=tuple(raw.get("layer_index_lists", ())),
                 **({"embeddings": tuple(raw["embeddings"])} if "embeddings" in raw else {}),
             )
         )
@@ -166,5 +216,6 @@ def architecture_for(config: dict, option: str = "--model") -> Architecture:
     shown = archs[0] if archs else "?"
     raise UserError(
         f"{option}: unsupported architecture {shown} (model_type {model_type!r}); "
-        f"supported: {supported_names()}"
+        f"supported: {supported_names()}. To add a family, describe its decoder block in "
+        f"deus_dist/architectures/<family>.json (see llama.json for the schema)"
     )

@@ -38,6 +38,21 @@ def resolved_per_layer_lists(model_dir: Path, config: dict, arch: Architecture) 
     return out
 
 
+def layer_types_of(model_dir: Path, config: dict, arch: Architecture, num_layers: int) -> list | None:
+    """Each layer's type as transformers resolves it (``arch.layer_type_list``, e.g. Bamba's
+    ``layers_block_type``, derived from ``attn_layer_indices``); None for single-type families."""
+    if arch.layer_type_list is None:
+        return None
+    value = config.get(arch.layer_type_list)
+    if not isinstance(value, list):
+        from transformers import AutoConfig
+
+        value = getattr(AutoConfig.from_pretrained(model_dir), arch.layer_type_list, None)
+    if not isinstance(value, list) or len(value) != num_layers:
+        raise ValueError(f"config field {arch.layer_type_list} does not give one type per layer: {value!r}")
+    return list(value)
+
+
 def rewrite_config(
     config: dict,
     per_layer: dict[str, list],
@@ -52,11 +67,18 @@ def rewrite_config(
     """
     L = plan.num_layers_before
     new = copy.deepcopy(config)
-    new["num_hidden_layers"] = plan.num_layers_after
+    new[arch.config_key("num_hidden_layers")] = plan.num_layers_after
     for name, values in per_layer.items():
         if len(values) != L:
             raise ValueError(f"config field {name} has {len(values)} entries for {L} layers")
         new[name] = [values[src.base[0]] for src in plan.layers]
+    for name in arch.layer_index_lists:
+        indices = config.get(name)
+        if isinstance(indices, list):
+            # A layer listed here (attention in a hybrid) is listed at its new index; a new block
+            # takes its lower source layer's type.
+            chosen = set(indices)
+            new[name] = [i for i, src in enumerate(plan.layers) if src.base[0] in chosen]
     for name in arch.layer_prefix_counts:
         count = config.get(name)
         if isinstance(count, int) and 0 <= count < L:

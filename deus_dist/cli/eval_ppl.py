@@ -39,11 +39,7 @@ def run(cfg: EvalConfig) -> dict:
     from deus_dist.hf_logging import quiet_transformers
     from deus_dist.outputs import Input, output_problems
 
-    problems = []
-    if cfg.seq_len < 2:
-        problems.append(f"--seq_len must be at least 2, got {cfg.seq_len}")
-    if cfg.batch_size < 1:
-        problems.append(f"--batch_size must be at least 1, got {cfg.batch_size}")
+    problems = cfg.problems()
     if cfg.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda: no CUDA device is visible")
     model_dir = None

@@ -38,19 +38,15 @@ def run(cfg: PrepareDataConfig, log=print) -> Path:
     from deus_dist.train.pipeline import cache_folder
 
     problems = Problems()
-    if cfg.num_proc is not None and cfg.num_proc < 1:
-        problems.append(f"--num_proc must be positive, got {cfg.num_proc}")
-    if not 0 < cfg.eval_fraction < 1:
-        problems.append(f"--eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
     model_dir = problems.attempt(lambda: model_or_default(cfg.model, progress=not cfg.quiet))
     # the default never exceeds the model's context; a --seq_len that does is an error
     seq_len = cfg.seq_len or min(DEFAULT_SEQ_LEN, (model_dir and model_context(model_dir)) or DEFAULT_SEQ_LEN)
-    if seq_len < 2:
-        problems.append(f"--seq_len must be at least 2, got {seq_len}")
+    cfg = dataclasses.replace(cfg, seq_len=seq_len)
+    problems.items += cfg.problems()
     pipeline, spec = TextPipeline(), None
     if model_dir is not None:
         problems.items += context_problems(model_dir, seq_len)
-        spec = problems.attempt(lambda: pipeline.spec(dataclasses.replace(cfg, seq_len=seq_len), model_dir))
+        spec = problems.attempt(lambda: pipeline.spec(cfg, model_dir))
     root = Path(cfg.data_cache or DEFAULT_CACHE)
     inputs = [Input("--model", model_dir), Input("--data", cfg.data), Input("--eval_data", cfg.eval_data)]
     problems.items += output_problems(root, "--data_cache", "dir", inputs)

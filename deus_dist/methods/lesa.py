@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from deus_dist.errors import UserError
 from deus_dist.methods.base import Method, register
 
 HIDDEN = 256
@@ -67,6 +68,10 @@ def fit_predictor(v: torch.Tensor, gen: torch.Generator, progress=None) -> tuple
     return model.eval(), last
 
 
+def _as_out_in(w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return w.T.contiguous() if transposed else w
+
+
 @register
 class Lesa(Method):
     name = "lesa"
@@ -75,6 +80,14 @@ class Lesa(Method):
 
     def prepare(self, reader, arch, plan, cfg, block_suffixes=None):
         from tqdm import tqdm
+
+        typed = sorted({r.layer_type for r in arch.block.values() if r.layer_type is not None})
+        if typed:
+            raise UserError(
+                f"--method lesa: LESA fits one basis per weight type over every layer and predicts a "
+                f"layer from both neighbours, but {arch.family} layers of types {typed} hold different "
+                "tensors; use --method opt-deus, avg or llama-pro"
+            )
 
         suffixes = block_suffixes or [s for s in arch.block if arch.layer_name(0, s) in reader]
         L = plan.num_layers_before
@@ -91,8 +104,14 @@ class Lesa(Method):
         bar = tqdm(total=len(matrices) * EPOCHS, desc="lesa: fitting", disable=cfg.quiet, file=sys.stderr)
         with bar, torch.no_grad():
             for s in matrices:
+                # Conv1D weights (stored [in, out]) are fitted as [out, in] like every other
+                t = arch.block[s].transposed
                 cat = torch.cat(
-                    [reader.read(arch.layer_name(i, s)).to(device, torch.float32) for i in range(L)], dim=1
+                    [
+                        _as_out_in(reader.read(arch.layer_name(i, s)).to(device, torch.float32), t)
+                        for i in range(L)
+                    ],
+                    dim=1,
                 )
                 u, sv, vt = torch.linalg.svd(cat, full_matrices=False)
                 del cat
@@ -103,7 +122,8 @@ class Lesa(Method):
                 us = u * sv
                 for k in gaps:
                     pred = model(torch.cat([v[k], v[k + 1]], dim=1))
-                    self.new[k][s] = (us @ pred).to("cpu", reader.tensors[arch.layer_name(k, s)].dtype)
+                    w = _as_out_in(us @ pred, t)
+                    self.new[k][s] = w.to("cpu", reader.tensors[arch.layer_name(k, s)].dtype)
         self.matrices = set(matrices)
 
     def new_block(self, sources, layers, arch, device):

@@ -3,9 +3,10 @@
 For each new block between base layers k and k+1 (A, B): A's units are transported onto B's order
 space by space (KV groups, query heads within groups, MLP neurons; on mixture-of-experts blocks the
 routed experts with their router rows, and the neurons inside each matched pair of experts; the
-residual stream never moves), then fused = (1 - t) * aligned A + t * B, and o_proj/down_proj are zeroed so the up-scaled
-model computes exactly what the base did (``--no_zero_init`` keeps them). ``--ot_variant
-reference`` reproduces the authors' released code instead (see ``deus_dist/ot/reference.py``).
+residual stream never moves), then fused = (1 - t) * aligned A + t * B, and o_proj/down_proj are
+zeroed so the up-scaled model computes exactly what the base did (``--no_zero_init`` keeps
+them). ``--ot_variant reference`` reproduces the authors' released code instead (see
+``deus_dist/ot/reference.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,29 @@ from dataclasses import asdict
 
 from deus_dist.errors import UserError
 from deus_dist.methods.base import Method, register, zero_outputs
-from deus_dist.ot.align import HeadGeometry, SolverSettings, align_block
+from deus_dist.ot.align import HeadGeometry, SolverSettings, align_block, space_size, unaligned_tensors
+
+
+def unaligned_pair_problems(reader, arch, plan) -> list[str]:
+    """New blocks whose source layers hold tensors no transport is defined for (a state-space
+    layer of a hybrid): refused, naming the gaps, rather than fused unaligned."""
+    bad: dict[str, list[int]] = {}
+    tensors: dict[str, list[str]] = {}
+    for src in plan.layers:
+        if not src.new:
+            continue
+        k = src.base[0]
+        unknown = unaligned_tensors(arch, [s for s in arch.block if arch.layer_name(k, s) in reader.tensors])
+        if unknown:
+            kind = arch.block[unknown[0]].layer_type or arch.family
+            bad.setdefault(kind, []).append(k)
+            tensors[kind] = unknown
+    return [
+        f"--method opt-deus: gaps {gaps} join two {kind} layers, whose tensors {tensors[kind][:3]} live in "
+        f"spaces no transport is defined for (see the README's family table); choose --positions "
+        f"between layers of an aligned type, or --method llama-pro / copy for these layers"
+        for kind, gaps in bad.items()
+    ]
 
 
 @register
@@ -61,31 +84,32 @@ class OptDeus(Method):
                 check_supported(block_suffixes or list(arch.block), arch.family)
             except UserError as e:
                 problems.extend(e.problems)
+        problems += unaligned_pair_problems(reader, arch, plan)
         if problems:
             raise UserError(problems)
         self.cfg = cfg
         self.arch = arch
-        self.geo = HeadGeometry.from_config(reader.config)
+        self.geo = HeadGeometry.from_config(reader.config, arch)
         self.solver = SolverSettings(cfg.ot_solver, cfg.ot_reg, cfg.ot_max_iter, cfg.ot_tol)
         self.function_preserving = cfg.zero_init
+        names = {s: arch.layer_name(0, s) for s in block_suffixes or arch.block}
+        shapes = {s: tuple(reader.tensors[n].shape) for s, n in names.items() if n in reader.tensors}
         # Neuron spaces and how many plans each needs per block: (units, width, plans).
         self.neuron_spaces = []
         self.kept_bytes = 0
-        mlp = next((s for s, r in arch.block.items() if r.rows == "mlp"), None)
+        mlp = space_size(arch, shapes, "mlp")
         if mlp is not None:
-            self.neuron_spaces.append((*reader.tensors[arch.layer_name(0, mlp)].shape[:2], 1))
+            self.neuron_spaces.append((*mlp, 1))
         if arch.experts():
             from deus_dist.ot.experts import expert_units
 
-            names = {s: arch.layer_name(0, s) for s in arch.block}
-            shapes = {s: reader.tensors[n].shape for s, n in names.items() if n in reader.tensors}
             experts, units, width = expert_units(arch, shapes)
             pairs = experts if cfg.ot_expert_cost == "router" else experts * experts + experts
             self.neuron_spaces.append((units, width, pairs))
             if cfg.ot_expert_cost != "router":
                 # the E^2 pairs' neuron permutations, kept until the experts are matched (int64)
                 self.kept_bytes = experts * experts * units * 8
-        self.mlp_units = max(n for n, _, _ in self.neuron_spaces)
+        self.mlp_units = max((n for n, _, _ in self.neuron_spaces), default=0)
         self.runner = None
         if cfg.ot_cost == "activations" and cfg.ot_variant == "aligned":
             import torch

@@ -23,13 +23,15 @@ SPACES = ("mlp", "q_heads", "kv_heads")
 class _Capture(torch.nn.Module):
     """Stands in for a decoder layer: records the arguments the model passes it, changes nothing."""
 
-    def __init__(self, store: list):
+    def __init__(self, store: list, as_tuple: bool = False):
         super().__init__()
         self.store = store
+        self.as_tuple = as_tuple
+        """Return (hidden_states, None), for models that unpack what a layer returns (Bamba)."""
 
     def forward(self, hidden_states, *args, **kwargs):
         self.store.append((hidden_states, args, kwargs))
-        return hidden_states
+        return (hidden_states, None) if self.as_tuple else hidden_states
 
 
 def calibration_tokens(model_dir, data: str | None, tokens: int, seq_len: int = 256) -> torch.Tensor:
@@ -74,23 +76,34 @@ class ActivationRunner:
             config = AutoConfig.from_pretrained(reader.path)
             with init_empty_weights(include_buffers=False):
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        decoder = model.get_decoder()
-        prefix = arch.layer_prefix[: -len("layers.")]  # "model." for "model.layers."
+        # The decoder is the module holding the layer list: "model" for "model.layers.",
+        # "transformer" for GPT-2's "transformer.h."
+        decoder_name, _, layers_attr = arch.layer_prefix.rstrip(".").rpartition(".")
+        decoder = model.get_submodule(decoder_name)
+        prefix = decoder_name + "."
         for name, _ in list(decoder.named_parameters()):
-            if name.startswith("layers."):
+            if name.startswith(layers_attr + "."):
                 continue
             module_name, _, pname = name.rpartition(".")
             module = decoder.get_submodule(module_name)
             value = reader.read(prefix + name).to(device, torch.float32)
             setattr(module, pname, torch.nn.Parameter(value, requires_grad=False))
-        self.layers = list(decoder.layers)
+        self.layers = list(getattr(decoder, layers_attr))
         # One pass with stand-in layers: the hidden states entering layer 0 and the arguments
         # (position embeddings, masks per layer type, ...) the model gives each layer.
         store: list = []
-        decoder.layers = torch.nn.ModuleList(_Capture(store) for _ in self.layers)
-        decoder.to(device)
-        with torch.no_grad():
-            decoder(input_ids=input_ids.to(device), use_cache=False)
+        for as_tuple in (False, True):
+            store.clear()
+            stand_ins = torch.nn.ModuleList(_Capture(store, as_tuple) for _ in self.layers)
+            setattr(decoder, layers_attr, stand_ins)
+            decoder.to(device)
+            try:
+                with torch.no_grad():
+                    decoder(input_ids=input_ids.to(device), use_cache=False)
+                break
+            except (ValueError, TypeError):  # the model unpacks a layer's output: stand in with a tuple
+                if as_tuple:
+                    raise
         self.hidden = store[0][0]
         self.layer_args = [(args, kwargs) for _, args, kwargs in store]
         self.next_layer = 0
@@ -111,11 +124,12 @@ class ActivationRunner:
             for suffix, role in self.arch.block.items():
                 if not suffix.endswith(".weight") or suffix not in block:
                     continue
-                if role.rows in SPACES or role.cols in SPACES:
+                moves_rows = any(sp in SPACES for sp in role.row_spaces)
+                if moves_rows or role.cols in SPACES:
                     module = layer.get_submodule(suffix[: -len(".weight")])
 
-                    def hook(mod, inp, out, suffix=suffix, role=role):
-                        if role.rows in SPACES:
+                    def hook(mod, inp, out, suffix=suffix, moves_rows=moves_rows):
+                        if moves_rows:
                             hooks[suffix] = out.reshape(-1, out.shape[-1]).T.contiguous()
                         else:
                             hooks[suffix] = inp[0].reshape(-1, inp[0].shape[-1])

@@ -44,10 +44,15 @@ class HeadGeometry:
     head_dim: int
 
     @classmethod
-    def from_config(cls, config: dict) -> HeadGeometry:
-        heads = config["num_attention_heads"]
-        kv = config.get("num_key_value_heads") or heads
-        hd = config.get("head_dim") or config["hidden_size"] // heads
+    def from_config(cls, config: dict, arch: Architecture | None = None) -> HeadGeometry:
+        """From config.json; ``arch`` maps the standard field names to the family's own."""
+
+        def get(name):
+            return config.get(arch.config_key(name) if arch is not None else name)
+
+        heads = get("num_attention_heads")
+        kv = get("num_key_value_heads") or heads
+        hd = get("head_dim") or get("hidden_size") // heads
         return cls(heads, kv, hd)
 
     @property
@@ -86,18 +91,80 @@ class SpaceReport:
     extra: dict = field(default_factory=dict)
 
 
+def _math(t: torch.Tensor, role, stored: bool) -> torch.Tensor:
+    """A stored tensor as [out, in] (a view): GPT-2's Conv1D weights are stored [in, out]."""
+    return t.T if stored and role.transposed and t.ndim == 2 else t
+
+
+def row_blocks(role, rows: int, units: dict[str, int] | None) -> list[tuple[str, int, int]]:
+    """(space, start, stop) of each block of a tensor's rows: one block unless the tensor is
+    fused, whose blocks all have the same rows per unit (q heads | kv groups | kv groups)."""
+    spaces = role.row_spaces
+    if len(spaces) == 1:
+        return [(spaces[0], 0, rows)]
+    if units is None or any(sp not in units for sp in spaces):
+        raise ValueError(f"a fused tensor over {spaces} needs the unit count of each of its spaces")
+    per_unit, rest = divmod(rows, sum(units[sp] for sp in spaces))
+    if rest:
+        raise ValueError(f"{rows} fused rows do not split into {spaces} of {units}")
+    out, start = [], 0
+    for sp in spaces:
+        stop = start + units[sp] * per_unit
+        out.append((sp, start, stop))
+        start = stop
+    return out
+
+
+def space_size(arch: Architecture, shapes: dict[str, tuple[int, ...]], space: str) -> tuple[int, int] | None:
+    """(units, features per unit of one tensor) of a space whose units are single rows or
+    columns (the MLP intermediate), read from a tensor holding it alone in one dimension."""
+    for suffix, role in arch.block.items():
+        shape = shapes.get(suffix)
+        if shape is None or len(shape) != 2:
+            continue
+        out, inp = (shape[1], shape[0]) if role.transposed else (shape[0], shape[1])
+        if role.cols == space:
+            return inp, out
+        if role.rows == space:
+            return out, inp
+    return None
+
+
+def space_units(
+    tensors: dict[str, torch.Tensor], arch: Architecture, geo: HeadGeometry | None
+) -> dict[str, int]:
+    """Units of every space of the block that the transport moves."""
+    units = {}
+    if geo is not None:
+        units.update(q_heads=geo.heads, kv_heads=geo.kv_heads)
+    mlp = space_size(arch, {s: tuple(t.shape) for s, t in tensors.items()}, "mlp")
+    if mlp is not None:
+        units["mlp"] = mlp[0]
+    return units
+
+
 def unit_feature_parts(
-    tensors: dict[str, torch.Tensor], arch: Architecture, space: str, units: int
+    tensors: dict[str, torch.Tensor],
+    arch: Architecture,
+    space: str,
+    units: int,
+    all_units: dict[str, int] | None = None,
+    stored: bool = True,
 ) -> list[torch.Tensor]:
     """The [units, f] pieces (views where possible) whose concatenation is each unit's features:
-    rows of every tensor whose rows live in ``space``, columns of every tensor whose columns do."""
+    rows of every tensor (or block of a fused tensor) whose rows live in ``space``, columns of
+    every tensor whose columns do. ``stored``: the tensors are weights as stored (Conv1D ones
+    [in, out]); activation features are always [out, T] rows and [T, in] columns."""
     parts = []
     for suffix, role in arch.block.items():
         t = tensors.get(suffix)
         if t is None:
             continue
-        if role.rows == space:
-            parts.append(t.reshape(units, -1))
+        t = _math(t, role, stored)
+        if space in role.row_spaces:
+            for sp, start, stop in row_blocks(role, t.shape[0], all_units):
+                if sp == space:
+                    parts.append(t[start:stop].reshape(units, -1))
         if role.cols == space:
             out = t.shape[0]
             parts.append(t.reshape(out, units, -1).permute(1, 0, 2).reshape(units, -1))
@@ -107,10 +174,15 @@ def unit_feature_parts(
 
 
 def unit_features(
-    tensors: dict[str, torch.Tensor], arch: Architecture, space: str, units: int
+    tensors: dict[str, torch.Tensor],
+    arch: Architecture,
+    space: str,
+    units: int,
+    all_units: dict[str, int] | None = None,
+    stored: bool = True,
 ) -> torch.Tensor:
     """[units, F] features of a space's units from every tensor whose rows or columns live there."""
-    return torch.cat(unit_feature_parts(tensors, arch, space, units), dim=1)
+    return torch.cat(unit_feature_parts(tensors, arch, space, units, all_units, stored), dim=1)
 
 
 def source_index(plan: torch.Tensor) -> torch.Tensor | None:
@@ -125,28 +197,43 @@ def source_index(plan: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def apply_plan(block: dict[str, torch.Tensor], arch: Architecture, space: str, plan: torch.Tensor) -> None:
+def apply_plan(
+    block: dict[str, torch.Tensor],
+    arch: Architecture,
+    space: str,
+    plan: torch.Tensor,
+    units: dict[str, int] | None = None,
+) -> None:
     """In place: move A's units of ``space`` to B's order (rows: P^T @ A; columns: A @ P).
 
     A permutation is applied by indexing, which costs nothing next to the dense products a soft
-    plan needs (as many flops as computing the cost itself).
+    plan needs (as many flops as computing the cost itself). ``units`` (every space's unit
+    count) locates the blocks of fused tensors.
     """
     n = plan.shape[0]
     src = source_index(plan)
     for suffix, role in arch.block.items():
         t = block.get(suffix)
-        if t is None:
+        if t is None or (space not in role.row_spaces and role.cols != space):
             continue
-        if role.rows == space:
-            rows = t.reshape(n, -1)
-            t = (rows[src] if src is not None else plan.T @ rows).reshape(t.shape)
+        shape = t.shape
+        t = _math(t, role, True)
+        if space in role.row_spaces:
+            pieces = []
+            for sp, start, stop in row_blocks(role, t.shape[0], units):
+                piece = t[start:stop]
+                if sp == space:
+                    rows = piece.reshape(n, -1)
+                    piece = (rows[src] if src is not None else plan.T @ rows).reshape(piece.shape)
+                pieces.append(piece)
+            t = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         if role.cols == space:
             cols = t.reshape(t.shape[0], n, -1)
             if src is not None:
                 t = cols[:, src].reshape(t.shape)
             else:
                 t = torch.einsum("oiu,ij->oju", cols, plan).reshape(t.shape)
-        block[suffix] = t
+        block[suffix] = _math(t, role, True).contiguous().reshape(shape)
 
 
 def _report(
@@ -252,6 +339,19 @@ def head_plans(
     return kv_plan, q_plan, kv_report, q_report
 
 
+TRANSPORTED = ("mlp", "kv_heads", "q_heads", "experts", "expert_mlp")
+"""Spaces the transport moves; ``residual``, ``head_dim`` and ``gate_scalar`` (Qwen2-MoE's
+one-row shared-expert gate) never move. A block with a tensor in any other space (a state-space
+layer's channels) cannot be aligned."""
+FIXED = ("residual", "head_dim", "gate_scalar")
+
+
+def unaligned_tensors(arch: Architecture, suffixes) -> list[str]:
+    """Tensors of a block living in a space the OT code knows nothing of."""
+    known = {*TRANSPORTED, *FIXED}
+    return [s for s in suffixes if arch.block[s].spaces() - known]
+
+
 def align_block(
     a: dict[str, torch.Tensor],
     b: dict[str, torch.Tensor],
@@ -265,29 +365,38 @@ def align_block(
     """A with its units moved to B's order, and a report per space. Features default to weights
     (experts are aligned on weights only); ``expert_cost``: how experts are paired
     (:func:`deus_dist.ot.experts.align_experts`)."""
+    unknown = unaligned_tensors(arch, a)
+    if unknown:
+        raise ValueError(f"no transport is defined for the spaces of {unknown}")
+    stored = features_a is None
     fa_src = a if features_a is None else features_a
     fb_src = b if features_b is None else features_b
     aligned = dict(a)
     reports: dict[str, SpaceReport] = {}
-    m = next((t.shape[0] for s, t in a.items() if arch.block[s].rows == "mlp"), None)
-    if m is not None:
+    units = space_units(a, arch, geo)
+    spaces = set().union(*(arch.block[s].spaces() for s in a))
+    if "mlp" in spaces:
+        m = units["mlp"]
         plan, reports["mlp"] = mlp_plan(
-            unit_feature_parts(fa_src, arch, "mlp", m), unit_feature_parts(fb_src, arch, "mlp", m), solver
+            unit_feature_parts(fa_src, arch, "mlp", m, units, stored),
+            unit_feature_parts(fb_src, arch, "mlp", m, units, stored),
+            solver,
         )
-        apply_plan(aligned, arch, "mlp", plan)
+        apply_plan(aligned, arch, "mlp", plan, units)
     if arch.experts():
         from deus_dist.ot.experts import align_experts
 
         aligned, expert_reports = align_experts(aligned, b, arch, solver, expert_cost)
         reports.update(expert_reports)
-    kv_plan, q_plan, reports["kv_heads"], reports["q_heads"] = head_plans(
-        unit_features(fa_src, arch, "kv_heads", geo.kv_heads),
-        unit_features(fb_src, arch, "kv_heads", geo.kv_heads),
-        unit_features(fa_src, arch, "q_heads", geo.heads),
-        unit_features(fb_src, arch, "q_heads", geo.heads),
-        geo,
-        solver,
-    )
-    apply_plan(aligned, arch, "kv_heads", kv_plan)
-    apply_plan(aligned, arch, "q_heads", q_plan)
+    if "kv_heads" in spaces:
+        kv_plan, q_plan, reports["kv_heads"], reports["q_heads"] = head_plans(
+            unit_features(fa_src, arch, "kv_heads", geo.kv_heads, units, stored),
+            unit_features(fb_src, arch, "kv_heads", geo.kv_heads, units, stored),
+            unit_features(fa_src, arch, "q_heads", geo.heads, units, stored),
+            unit_features(fb_src, arch, "q_heads", geo.heads, units, stored),
+            geo,
+            solver,
+        )
+        apply_plan(aligned, arch, "kv_heads", kv_plan, units)
+        apply_plan(aligned, arch, "q_heads", q_plan, units)
     return aligned, reports

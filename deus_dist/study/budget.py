@@ -106,9 +106,9 @@ def base_shape(base_dir: Path) -> Shape:
         embed = sum(math.prod(tensors[n].shape) for n in arch.embeddings if n in tensors)
         total = sum(math.prod(info.shape) for info in tensors.values())
     return Shape(
-        [layer] * cfg["num_hidden_layers"],
-        cfg["vocab_size"] * cfg["hidden_size"],
-        cfg["hidden_size"],
+        [layer] * arch.config_value(cfg, "num_hidden_layers"),
+        arch.config_value(cfg, "vocab_size") * arch.config_value(cfg, "hidden_size"),
+        arch.config_value(cfg, "hidden_size"),
         embed,
         total,
     )

@@ -39,8 +39,7 @@ def prepare(cfg, log=print):
     study = problems.attempt(lambda: load_study(config))
     if cfg.launcher not in LAUNCHERS:
         problems.append(f"--launcher: {cfg.launcher!r} is not one of {', '.join(LAUNCHERS)}")
-    if cfg.ranks is not None and cfg.ranks < 1:
-        problems.append(f"--ranks must be positive, got {cfg.ranks}")
+    problems.items += cfg.problems()
     if study is None:
         problems.raise_if_any()
     if cfg.quick:

@@ -17,7 +17,8 @@ def layer_param_counts(setup: TrainSetup, model) -> tuple[list[float], list[floa
     (each token goes through that many of them, forward and backward). Trainable: what the
     engine trains (``requires_grad``; transformers may stack several on-disk tensors into one
     parameter, so names from the trainable set are not the parameters' names)."""
-    n = setup.model_config["num_hidden_layers"]
+    arch, config = setup.arch, setup.model_config
+    n = arch.config_value(config, "num_hidden_layers")
     layers, trainable = [0.0] * n, [0.0] * n
     share = _routed_share(setup, model)
     for name, p in model.named_parameters():
@@ -26,7 +27,7 @@ def layer_param_counts(setup: TrainSetup, model) -> tuple[list[float], list[floa
             numel = getattr(p, "ds_numel", p.numel()) * share.get(name, 1.0)
             layers[split[0]] += numel
             trainable[split[0]] += numel if p.requires_grad else 0
-    head = setup.model_config["vocab_size"] * setup.model_config["hidden_size"]
+    head = arch.config_value(config, "vocab_size") * arch.config_value(config, "hidden_size")
     return layers, trainable, head
 
 
@@ -54,7 +55,7 @@ def trained_flops_per_token(setup: TrainSetup, model) -> float:
         layer_params=layers,
         trainable_layer_params=trainable,
         head_params=head,
-        hidden=setup.model_config["hidden_size"],
+        hidden=setup.arch.config_value(setup.model_config, "hidden_size"),
         seq_len=setup.cfg.seq_len,
         embeddings_train=any(n in setup.arch.embeddings for n in setup.trainable),
     )

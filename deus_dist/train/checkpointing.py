@@ -241,8 +241,11 @@ def damaged_files(path: Path, world_size: int) -> list[str]:
     problems = []
     found = rank_files(path)
     way = "resume from an earlier checkpoint with --resume PATH, or start over with --resume none"
+    # ZeRO-3 writes each rank's model states (zero_pp_rank_R_mp_rank_00_model_states.pt); ZeRO-1/2
+    # replicate the model, so rank 0 writes the one mp_rank_00_model_states.pt
+    replicated = (Path(path) / "mp_rank_00_model_states.pt").is_file()
     for kind in ("model", "optim"):
-        for rank in range(world_size):
+        for rank in range(1 if kind == "model" and replicated else world_size):
             f = found[kind].get(rank)
             if f is None:
                 problems.append(
@@ -276,7 +279,9 @@ def universal_checkpoint(path: Path, log=print) -> Path:
             num_merge_workers=1,
             keep_temp_folder=False,
             strict=True,
-            inject_missing_state=False,
+            # ZeRO-1/2 checkpoints of a plain (not Megatron) model carry no universal_checkpoint_info;
+            # the converter's own switch adds its version record (ZeRO-3 does not read it)
+            inject_missing_state=True,
         )
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             ds_to_universal.main(args)

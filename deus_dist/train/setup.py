@@ -151,7 +151,8 @@ def validate(cfg: TrainConfig, world_size: int, cuda: bool, pipeline: DataPipeli
     resumed = attempt(lambda: checkpointing.read_state(resume_from)) if resume_from else None
     cfg, notes, found = with_device_defaults(cfg, cuda, world_size, resumed)
     problems.items += found + cfg.problems()
-    raw_ds = attempt(lambda: load_ds_config(cfg.ds_config or default_ds_config(cuda)))
+    auto_ds = cfg.ds_config == "auto"  # chosen by the memory planner once the model is known
+    raw_ds = None if auto_ds else attempt(lambda: load_ds_config(cfg.ds_config or default_ds_config(cuda)))
     if cfg.model is None:  # the launcher fills it (default_model, made once per filesystem first)
         raise ValueError("validate() needs cfg.model")
     model_dir = attempt(lambda: resolve_model_path(cfg.model))
@@ -182,6 +183,8 @@ def validate(cfg: TrainConfig, world_size: int, cuda: bool, pipeline: DataPipeli
         # transformers stacks a layer's experts into one parameter: refuse part of one here,
         # before any rank loads the model
         attempt(lambda: parameters_holding(meta_model(model_dir), trainable))
+    if auto_ds and trainable is not None:
+        raw_ds = attempt(lambda: _planned_ds_config(cfg, config, trainable, world_size, cuda, notes))
     ds = None
     if raw_ds is not None:
         ds = attempt(
@@ -194,7 +197,7 @@ def validate(cfg: TrainConfig, world_size: int, cuda: bool, pipeline: DataPipeli
                 betas=cfg.adam_betas,
                 weight_decay=cfg.weight_decay,
                 grad_clip=cfg.grad_clip,
-                hidden_size=config.get("hidden_size", 1024),
+                hidden_size=(arch.config_value(config, "hidden_size") if arch else None) or 1024,
                 cuda=cuda,
                 precision=cfg.precision,
                 bf16_supported=cuda and torch.cuda.is_bf16_supported(),
@@ -238,6 +241,26 @@ def validate(cfg: TrainConfig, world_size: int, cuda: bool, pipeline: DataPipeli
         world_size=world_size,
         resumed=resumed,
     )
+
+
+def _planned_ds_config(cfg: TrainConfig, config: dict, trainable, world_size: int, cuda: bool, notes) -> dict:
+    """``--ds_config auto``: the shipped config train/memory_plan.py recommends (its reason noted)."""
+    from deus_dist.train.memory_plan import auto_ds_config
+
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+    path, why = auto_ds_config(
+        config,
+        set(trainable),
+        world_size,
+        seq_len=cfg.seq_len,
+        micro_batch=cfg.micro_batch,
+        grad_accum=cfg.grad_accum,
+        precision="bf16" if bf16 else "fp32",
+        activation_checkpointing=cfg.activation_checkpointing,
+        cuda=cuda,
+    )
+    notes.append(why)
+    return load_ds_config(path)
 
 
 def cache_root(setup: TrainSetup) -> Path:

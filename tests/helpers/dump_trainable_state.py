@@ -19,6 +19,11 @@ out = sys.argv[1]
 args = [a for a in sys.argv[2:] if not a.startswith("--local_rank")]
 run = start(parse_config(TrainConfig, args, "dump", ""), log=lambda *a: None)
 state = {"step": run.state.step, "consumed": run.state.consumed, "tensors": {}}
+# ZeRO-1/2 link each parameter to its Adam moments only in their first step
+# (_lazy_init_hp_params_optimizer_state, deepspeed/runtime/zero/stage_1_and_2.py); link them now
+link = getattr(run.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+if link is not None:
+    link()
 for name, p in run.engine.module.named_parameters():
     if p.requires_grad:
         state["tensors"][name] = {

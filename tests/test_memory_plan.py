@@ -1,0 +1,252 @@
+"""The memory planner (tools/plan_memory.py): its figures against what a real 2-rank engine holds,
+its recommendation, the placements table, and its errors for impossible layouts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import REPO, launch_cmd, launch_env
+from deus_dist.cli.plan_memory import PlanMemoryConfig, build, main
+from deus_dist.train.memory_plan import GiB, RunShape, plan_choice, shape_from_config, shardings
+
+SPEC = {
+    # a small Llama up-scaled 6 -> 9 layers, the top three new (as the fuse tool's top placement)
+    "config": {
+        "vocab_size": 512,
+        "hidden_size": 128,
+        "intermediate_size": 352,
+        "num_hidden_layers": 9,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 256,
+    },
+    "new_layers": [6, 7, 8],
+    "seq_len": 64,
+    "micro_batch": 2,
+    # ZeRO-1/2 first: ZeRO-3's loader replaces F.linear for the rest of the process
+    "cases": [
+        {"name": "zero1", "stage": 1, "precision": "fp32"},
+        {"name": "zero1", "stage": 1, "precision": "bf16", "grad_accum": 2},  # full gradients kept
+        {"name": "zero2", "stage": 2, "precision": "fp32"},
+        {"name": "zero2", "stage": 2, "precision": "bf16"},
+        {"name": "zero2", "stage": 2, "precision": "fp32", "activation_checkpointing": True},
+        {"name": "zero3", "stage": 3, "precision": "fp32"},
+        {"name": "zero3", "stage": 3, "precision": "bf16"},
+        {"name": "zero3", "stage": 3, "precision": "bf16", "activation_checkpointing": True},
+        {"name": "zero3-offload", "stage": 3, "offload": True, "precision": "fp32"},
+    ],
+}
+PARTS = (
+    "frozen_weights",
+    "trainable_weights",
+    "gradients",
+    "optimizer_state",
+    "activations",
+    "communication",
+)
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """One 2-rank launch that builds the engine for every case and reports what each rank holds."""
+    root = tmp_path_factory.mktemp("memory")
+    spec, out = root / "spec.json", root / "held.json"
+    spec.write_text(json.dumps(SPEC))
+    script = REPO / "tests" / "helpers" / "measure_memory.py"
+    cmd = launch_cmd([out, spec], "torchrun", 2, script=script)
+    proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = json.loads(out.read_text())
+    assert len(ranks) == 2
+    return ranks
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "index",
+    range(len(SPEC["cases"])),
+    ids=lambda i: "-".join(
+        str(v)
+        for k, v in SPEC["cases"][i].items()
+        if k in ("name", "precision", "activation_checkpointing", "grad_accum")
+    ),
+)
+def test_plan_within_10_percent_of_what_the_engine_holds(measured, index):
+    case = SPEC["cases"][index]
+    shape = shape_from_config({"model_type": "llama", **SPEC["config"]}, SPEC["new_layers"])
+    run = RunShape(
+        gpus_per_node=2,
+        seq_len=SPEC["seq_len"],
+        micro_batch=SPEC["micro_batch"],
+        precision=case["precision"],
+        activation_checkpointing=case.get("activation_checkpointing", False),
+        grad_accum=case.get("grad_accum", 1),
+    )
+    sharding = next(s for s in shardings(cuda=False) if s.name == case["name"])
+    plan = plan_choice(shape, run, sharding)
+    for part in PARTS:
+        held = max(rank[index][part] for rank in measured)  # the rank that holds most
+        planned = plan.parts[part] + plan.host.get(part, 0)
+        assert held > 0, (case, part)
+        assert planned == pytest.approx(held, rel=0.10), (case, part, planned, held)
+    # offload moves every partition and the optimizer to the host
+    assert bool(plan.host) == bool(case.get("offload"))
+
+
+def plan_json(capsys, *args) -> dict:
+    assert main([*map(str, args), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_has_every_choice_and_part(capsys):
+    report = plan_json(capsys, "--base", "llama-3.1-8b", "--placement", "top")
+    names = [c["name"] for c in report["choices"]]
+    assert names == ["zero1", "zero2", "zero3", "zero3-offload"]
+    for c in report["choices"]:
+        assert set(c["parts"]) == set(PARTS) | {"working"}
+        assert (
+            c["total"]
+            == c["peak"]
+            >= sum(v for k, v in c["parts"].items() if k not in ("activations", "working"))
+        )
+    by = {c["name"]: c for c in report["choices"]}
+    # frozen weights replicated under ZeRO-1/2, split 8 ways under ZeRO-3
+    assert by["zero2"]["parts"]["frozen_weights"] == pytest.approx(
+        8 * by["zero3"]["parts"]["frozen_weights"], rel=0.01
+    )
+    # Adam state only for the 16 new layers: 12 bytes per trainable parameter, over 8 GPUs
+    trainable = report["shape"]["trainable_params"]
+    assert by["zero3"]["parts"]["optimizer_state"] == pytest.approx(12 * trainable / 8, rel=0.01)
+    assert report["shape"]["new_layers"] == list(range(16, 48, 2))
+    assert report["recommended"] in names
+
+
+def test_placements_change_activations_not_weights(capsys):
+    report = plan_json(capsys, "--base", "llama-3.2-1b", "--gpus_per_node", "1", "--gpu_memory", "141")
+    rows = report["placements"]
+    assert set(rows) == {"top", "interleaved", "bottom"}
+    acts = {p: next(c for c in r["choices"] if c["name"] == "zero2")["parts"] for p, r in rows.items()}
+    # 23 layers of saved tensors against 8 (the fp32 log-softmax over 128k tokens is common to both)
+    assert acts["bottom"]["activations"] > 1.2 * acts["top"]["activations"]
+    assert acts["bottom"]["optimizer_state"] == acts["top"]["optimizer_state"]
+    assert rows["top"]["shape"]["lowest_trainable"] == 8 and rows["bottom"]["shape"]["lowest_trainable"] == 1
+
+
+def test_recommends_the_fastest_that_fits_and_prints_the_command(capsys):
+    assert (
+        main(["--base", "llama-3.2-1b", "--placement", "top", "--gpus_per_node", "1", "--gpu_memory", "141"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "zero1 is the fastest choice that fits" in out
+    assert "run it: deepspeed --num_gpus 1 launchers/cpt.py" in out
+    assert "placements side by side" in out
+
+
+def test_nothing_fits_says_what_would():
+    plan, _ = build(
+        PlanMemoryConfig(base="llama-3.1-70b", placement="bottom", gpu_memory=80, compare_placements=False)
+    )
+    assert plan.recommended is None
+    text = "\n".join(plan.reasons)
+    assert "nothing fits" in text and "GiB more than" in text
+    assert "--activation_checkpointing" in text or "--nodes" in text
+
+
+def test_checkpointing_shrinks_activations():
+    shape = shape_from_config({"model_type": "llama", **SPEC["config"]}, SPEC["new_layers"])
+    z3 = next(s for s in shardings() if s.name == "zero3")
+    off = plan_choice(shape, RunShape(seq_len=512, micro_batch=4), z3).parts["activations"]
+    on = plan_choice(shape, RunShape(seq_len=512, micro_batch=4, activation_checkpointing=True), z3).parts[
+        "activations"
+    ]
+    assert on < off / 2
+
+
+def test_model_dir_reads_its_manifest(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **SPEC["config"]}))
+    (tmp_path / "deus_manifest.json").write_text(json.dumps({"new_layers": [1, 3]}))
+    report = plan_json(capsys, "--model", tmp_path, "--gpus_per_node", "2")
+    assert report["shape"]["new_layers"] == [1, 3] and report["shape"]["lowest_trainable"] == 1
+    assert "placements" not in report
+    assert report["choices"][0]["peak"] < 1 * GiB
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (
+            ["--base", "llama-3.1-8b", "--gpus_per_node", "8", "--nodes", "2", "--global_batch", "32"],
+            "--global_batch",
+        ),
+        (["--base", "llama-3.1-8b", "--num_new", "0"], "--num_new"),
+        (["--base", "llama-3.1-8b", "--num_new", "40"], "--num_new"),
+        (["--base", "no-such-shape"], "--base"),
+        (["--gpus_per_node", "2"], "--model"),
+        (["--base", "small", "--headroom", "1.5"], "--headroom"),
+        (["--base", "small", "--micro_batch", "0"], "--micro_batch"),
+    ],
+)
+def test_bad_input_names_the_option(args, option, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("plan_memory.py: error:") and option in err, err
+
+
+def test_model_option_refuses_layout_options_and_an_empty_manifest(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **SPEC["config"]}))
+    (tmp_path / "deus_manifest.json").write_text(json.dumps({"new_layers": []}))
+    assert main(["--model", str(tmp_path), "--placement", "top"]) == 2
+    assert "--placement" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path)]) == 2
+    assert "lists no new layers" in capsys.readouterr().err
+
+
+def auto(config: dict, memory: float, cuda: bool, world: int = 8, **kw):
+    from deus_dist.train.memory_plan import auto_ds_config
+
+    shape = shape_from_config(config, [])
+    names = {f"model.layers.{i}.mlp.down_proj.weight" for i in range(shape.num_layers // 2, shape.num_layers)}
+    run = (
+        dict(seq_len=2048, micro_batch=4, grad_accum=8, precision="bf16", activation_checkpointing=True) | kw
+    )
+    return auto_ds_config(config, names, world, cuda=cuda, memory_gib=memory, **run)
+
+
+def test_auto_keeps_zero3_when_the_frozen_weights_do_not_fit_one_gpu():
+    from deus_dist.train.memory_plan import BASE_SHAPES
+
+    big = {"model_type": "llama", **BASE_SHAPES["llama-3.1-70b"]}
+    path, why = auto(big, memory=80, cuda=True)
+    assert path.name == "zero3.json" and "zero3" in why and "GiB" in why
+    small = {"model_type": "llama", **BASE_SHAPES["llama-3.2-1b"]}
+    path, why = auto(small, memory=80, cuda=True)
+    assert path.name == "zero1.json", why
+    path, _ = auto(small, memory=80, cuda=False, world=2, seq_len=256, micro_batch=1)
+    assert path.name == "zero1.json" and path.is_file()
+
+
+def test_auto_names_the_shortfall_when_nothing_fits():
+    from deus_dist.errors import UserError
+    from deus_dist.train.memory_plan import BASE_SHAPES
+
+    with pytest.raises(UserError, match=r"--ds_config auto: no shipped config fits 8.0 GiB .* GiB more than"):
+        auto({"model_type": "llama", **BASE_SHAPES["llama-3.1-70b"]}, memory=8, cuda=True)
+
+
+@pytest.mark.distributed
+def test_cpt_with_ds_config_auto_picks_a_cpu_config_and_trains(train_setup):
+    from conftest import launch, read_metrics, train_args
+
+    proc = launch(
+        train_args(train_setup, "auto", "--ds_config", "auto", "--grad_accum", "2", "--max_steps", "2")
+    )
+    assert "--ds_config auto: ds_configs/zero1.json (zero1), the fastest that fits" in proc.stdout, (
+        proc.stdout
+    )
+    assert [r["step"] for r in read_metrics(train_setup[0] / "auto")] == [1, 2]
