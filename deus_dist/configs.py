@@ -105,6 +105,11 @@ class FuseConfig:
     zero_init: bool = True
     """opt-deus: zero o_proj and down_proj of new blocks, so the up-scaled model computes exactly
     what the base did (--no_zero_init keeps the fused values)."""
+    ot_expert_cost: Literal["weights+router", "weights", "router"] = "weights+router"
+    """opt-deus on mixture-of-experts blocks: the cost of pairing layer A's experts with layer B's.
+    weights+router (default): their weights' squared distance after neuron OT inside the pair, plus
+    their router rows' (E^2 neuron plans per block); weights: without the router rows; router: the
+    router rows alone (E neuron plans, for many experts: 128 in Qwen3-MoE)."""
     seed: int = 0
     """Seed of methods that train or sample (lesa)."""
 

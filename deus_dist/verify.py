@@ -1,7 +1,9 @@
 """Checks run on a written checkpoint before it gets its final name.
 
 - keys and shapes: the model transformers builds from the written config (on the meta device, so
-  no memory) must have exactly the written tensors, tied weights aside;
+  no memory) must have exactly the written tensors, tied weights aside, in the layout
+  ``save_pretrained`` writes (transformers 5 regroups some checkpoints' tensors in memory, such
+  as per-expert MoE weights into stacked ones; its own reverse conversion gives the on-disk names);
 - logits: for function-preserving methods, the up-scaled model's logits on a probe input must
   equal the base model's (both loaded in float32).
 """
@@ -13,6 +15,7 @@ from pathlib import Path
 import torch
 
 from deus_dist.checkpoint import CheckpointReader
+from deus_dist.checkpoint.layout import on_disk_state_dict
 from deus_dist.hf_logging import quiet_transformers
 
 
@@ -24,10 +27,14 @@ def check_keys_and_shapes(model_dir: Path) -> None:
         config = AutoConfig.from_pretrained(model_dir)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    # On-disk names and shapes by transformers' own reverse conversion: its renamings (GPT-NeoX's
+    # lm_head is embed_out on disk) and its regrouping (stacked experts written one per expert).
+    state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in on_disk_state_dict(model, state).items()}
+    tied_names = [k for k in (getattr(model, "all_tied_weights_keys", None) or {}) if k in state]
+    tied = set(on_disk_state_dict(model, {k: state[k] for k in tied_names})) if tied_names else set()
     reader = CheckpointReader(model_dir, option="written checkpoint")
-    written = {k: v.shape for k, v in _as_model_names(model, reader.tensors).items()}
+    written = {k: tuple(v.shape) for k, v in reader.tensors.items()}
     missing = sorted(set(expected) - set(written) - tied)
     unexpected = sorted(set(written) - set(expected))
     wrong = sorted(k for k in set(expected) & set(written) if expected[k] != written[k])
@@ -39,20 +46,6 @@ def check_keys_and_shapes(model_dir: Path) -> None:
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None and len(layer_types) != config.num_hidden_layers:
         raise RuntimeError("written config: layer_types does not have num_hidden_layers entries")
-
-
-def _as_model_names(model, tensors: dict) -> dict:
-    """Checkpoint names as transformers' loader renames them (its checkpoint conversion mapping:
-    GPT-NeoX's ``embed_out`` is the model's ``lm_head``); renamings only."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, rename_source_key
-    except ImportError:  # an older transformers renames nothing
-        return dict(tensors)
-    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-    if not renamings:
-        return dict(tensors)
-    return {rename_source_key(k, renamings, [])[0]: v for k, v in tensors.items()}
 
 
 def model_bytes_fp32(reader: CheckpointReader) -> int:

@@ -55,6 +55,18 @@ def tiny_config(family: str, **overrides):
             eos_token_id=1,
             **kw,
         )
+    # mixture-of-experts: 4 routed experts, top-2 (the per-expert intermediate differs per family)
+    moe = dict(num_experts_per_tok=2, output_router_logits=False)
+    if family == "mixtral":
+        return tf.MixtralConfig(num_local_experts=4, **moe, **kw)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(num_experts=4, moe_intermediate_size=32, **moe, **kw)
+    if family == "olmoe":  # q_norm/k_norm over the whole q and k projections
+        return tf.OlmoeConfig(num_experts=4, eos_token_id=2, **moe, **kw)
+    if family == "qwen2_moe":  # a shared expert (dense MLP, sigmoid-gated) beside the routed ones
+        return tf.Qwen2MoeConfig(
+            num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48, **moe, **kw
+        )
     kw.pop("head_dim")
     if family == "gpt_neox":  # fused per-head interleaved query_key_value, parallel residual, rotary on 1/4
         kw.pop("num_key_value_heads")
@@ -82,6 +94,7 @@ NEW_FAMILIES = FAMILIES[5:]
 HYBRID = "bamba"
 """A hybrid of state-space and attention layers: only pairs of one layer type fuse, so the
 default placements (which cross types) are tested on their own."""
+MOE_FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"]
 
 
 def make_tiny(
@@ -191,6 +204,44 @@ def permutation_of_layer(model, src: int, dst: int, seed: int = 0) -> None:
             elif name == "mlp.down_proj.weight":
                 t = rows(t.T, neurons, 1).T
             B.get_parameter(name).copy_(t)
+
+
+def permutation_of_moe_layer(model, src: int, dst: int, seed: int = 0) -> None:
+    """Make MoE layer ``dst`` a copy of layer ``src`` with its KV groups, query heads, routed
+    experts (with their router rows), the neurons inside each expert and a shared expert's neurons
+    permuted. Works on transformers' in-memory layout: experts stacked as ``experts.gate_up_proj``
+    [E, 2I, H] (gate rows, then up rows) and ``experts.down_proj`` [E, H, I]."""
+    cfg = model.config
+    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    g = torch.Generator().manual_seed(seed + 1)
+    permutation_of_layer(model, src, dst, seed)  # attention; everything else copied as it is
+    gen = torch.Generator().manual_seed(seed)  # the head orders permutation_of_layer drew
+    groups = torch.randperm(Hkv, generator=gen)
+    r = H // Hkv
+    q_heads = torch.cat([groups[j] * r + torch.randperm(r, generator=gen) for j in range(Hkv)])
+    A, B = model.model.layers[src], model.model.layers[dst]
+    with torch.no_grad():
+        q_norm = getattr(A.self_attn, "q_norm", None)
+        if q_norm is not None and q_norm.weight.numel() == H * hd:  # OLMoE: norms over the projection
+            B.self_attn.q_norm.weight.copy_(q_norm.weight.reshape(H, hd)[q_heads].reshape(-1))
+            k = A.self_attn.k_norm.weight
+            B.self_attn.k_norm.weight.copy_(k.reshape(Hkv, hd)[groups].reshape(-1))
+        experts = A.mlp.experts
+        E, two_i, _ = experts.gate_up_proj.shape
+        n = two_i // 2
+        order = torch.randperm(E, generator=g)
+        for j, e in enumerate(order.tolist()):
+            neurons = torch.randperm(n, generator=g)
+            gate_up = experts.gate_up_proj[e]
+            B.mlp.experts.gate_up_proj[j] = torch.cat([gate_up[:n][neurons], gate_up[n:][neurons]])
+            B.mlp.experts.down_proj[j] = experts.down_proj[e][:, neurons]
+        B.mlp.gate.weight.copy_(A.mlp.gate.weight[order])
+        shared = getattr(A.mlp, "shared_expert", None)
+        if shared is not None:
+            neurons = torch.randperm(shared.gate_proj.weight.shape[0], generator=g)
+            B.mlp.shared_expert.gate_proj.weight.copy_(shared.gate_proj.weight[neurons])
+            B.mlp.shared_expert.up_proj.weight.copy_(shared.up_proj.weight[neurons])
+            B.mlp.shared_expert.down_proj.weight.copy_(shared.down_proj.weight[:, neurons])
 
 
 def permute_layer_by_description(model, src: int, dst: int, seed: int = 0) -> None:
@@ -462,6 +513,15 @@ def train_setup(tmp_path_factory):
     """(root, model, data): a tiny up-scaled model (6 -> 9 layers) and real Wikipedia text."""
     root = tmp_path_factory.mktemp("train")
     model = make_training_model(root)
+    data = write_wiki_jsonl(root / "wiki.jsonl")
+    return root, model, data
+
+
+@pytest.fixture(scope="session")
+def moe_train_setup(tmp_path_factory):
+    """(root, model, data): a tiny Mixtral (4 experts, top-2) up-scaled 6 -> 9 layers, and real text."""
+    root = tmp_path_factory.mktemp("train_moe")
+    model = make_training_model(root, "mixtral")
     data = write_wiki_jsonl(root / "wiki.jsonl")
     return root, model, data
 

@@ -504,3 +504,42 @@ def test_prepare_data_tool_reports_bad_input(tmp_path, up, capsys):
     )
     assert "--text_field: " in capsys.readouterr().err
     assert not [p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]
+
+
+def test_moe_refuses_per_module_zero3_fetching_and_training_part_of_a_stacked_parameter(tmp_path, capsys):
+    """Both are refused before any rank starts: a mixture-of-experts layer must be one ZeRO-3 leaf,
+    and transformers stacks every expert of a layer into one parameter, so one expert cannot train
+    alone."""
+    model = make_training_model(tmp_path, "mixtral")
+    data = write_wiki_jsonl(tmp_path / "wiki.jsonl", articles=2)
+    common = ["--model", model, "--data", data, "--ds_config", REPO / "ds_configs" / "zero3_cpu.json"]
+    capsys.readouterr()
+    assert cpt(*common, "--output_dir", tmp_path / "a", "--no_zero3_leaf_layers") == 2
+    err = capsys.readouterr().err
+    assert "--no_zero3_leaf_layers" in err and "mixture-of-experts" in err
+    assert cpt(*common, "--output_dir", tmp_path / "b", "--trainable", r"layers\.7\..*experts\.0\.") == 2
+    err = capsys.readouterr().err
+    assert "--trainable" in err and "model.layers.7.mlp.experts.gate_up_proj" in err and "1 of 4" in err
+    assert not (tmp_path / "a" / "metrics.jsonl").exists() and not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
+def test_moe_mfu_counts_the_experts_a_token_uses_and_the_stacked_parameters_that_train(tmp_path):
+    import types
+
+    from transformers import AutoModelForCausalLM
+
+    from deus_dist.train.accounting import layer_param_counts
+
+    base = make_tiny(tmp_path / "base", "mixtral")  # 4 experts, top-2
+    config = json.loads((base / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(base)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("model.layers.3."))
+    setup = types.SimpleNamespace(model_config=config, arch=architecture_for(config))
+    layers, trainable, head = layer_param_counts(setup, model)
+    layer = model.model.layers[3]
+    experts = layer.mlp.experts.gate_up_proj.numel() + layer.mlp.experts.down_proj.numel()
+    rest = sum(p.numel() for p in layer.parameters()) - experts
+    assert layers == [rest + experts * 2 / 4] * 6
+    assert trainable == [0, 0, 0, rest + experts * 2 / 4, 0, 0]
+    assert head == 128 * 64

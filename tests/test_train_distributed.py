@@ -493,6 +493,44 @@ def test_an_error_only_one_rank_finds_is_printed_by_that_rank_once(train_setup, 
     assert time.monotonic() - start < 120
 
 
+def test_moe_trains_with_the_router_aux_loss_resumes_exactly_and_exports(moe_train_setup):
+    """Mixtral under ZeRO-3 with each decoder layer a leaf: only the new layers change, the router's
+    load-balancing loss is optimised and logged, a stopped run resumes exactly, and the export is
+    transformers' on-disk layout (per-expert tensors) with no missing or unexpected keys."""
+    from transformers import AutoModelForCausalLM
+
+    root, model, _ = moe_train_setup
+    full = launch(train_args(moe_train_setup, "full", "--grad_accum", "2", "--max_steps", "4"))
+    assert "ZeRO-3 leaf modules (one parameter fetch per layer): MixtralDecoderLayer" in full.stdout
+    records = read_metrics(root / "full")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    # transformers' aux loss of top-2 of 4 experts is about top_k = 2 when balanced
+    assert all(1.0 < r["aux_loss"] < 4.0 for r in records), records
+    assert len({r["aux_loss"] for r in records}) > 1
+
+    new = set(load_manifest(model)["new_layers"])
+    base, final = state_dict(model), state_dict(root / "full" / "final")
+    assert base.keys() == final.keys()  # per-expert on-disk names, as the base
+    changed = {n for n in base if not torch.equal(base[n], final[n])}
+    for name in base:
+        if not any(name.startswith(f"model.layers.{i}.") for i in new):
+            assert name not in changed, f"frozen {name} changed"
+    for i in new:
+        assert f"model.layers.{i}.block_sparse_moe.gate.weight" in changed  # the router trains
+        assert any(f"model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight" in changed for e in range(4))
+    _, info = AutoModelForCausalLM.from_pretrained(root / "full" / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+    launch(
+        train_args(moe_train_setup, "stopped", "--grad_accum", "2", "--max_steps", "4", "--stop_at_step", "2")
+    )
+    second = launch(train_args(moe_train_setup, "stopped", "--grad_accum", "2", "--max_steps", "4"))
+    assert "resumed from" in second.stdout
+    assert_continues(root / "stopped", root / "full", rel=1e-5)
+    resumed = read_metrics(root / "stopped")
+    assert [r["aux_loss"] for r in resumed] == pytest.approx([r["aux_loss"] for r in records], rel=1e-5)
+
+
 def test_gpt_neox_trains_resumes_and_exports(tmp_path):
     """A GPT-style family (GPT-NeoX: fused per-head qkv, LayerNorm biases, parallel residual)
     under the same engine: only the new layers change, a stopped run resumes to the same weights

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import FAMILIES, HYBRID, fuse, load_manifest, make_tiny, state_dict
+from conftest import FAMILIES, HYBRID, MOE_FAMILIES, fuse, load_manifest, make_tiny, state_dict
 from deus_dist.architectures import architecture_for
 
 METHODS = ["copy", "avg", "llama-pro", "solar"]
@@ -34,7 +34,7 @@ def expected_layer(method: str, arch, base_sd: dict, source: dict, new: bool) ->
     return block
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + MOE_FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_every_family_and_method(tmp_path, family, method):
     base = make_tiny(tmp_path / "base", family)
@@ -88,7 +88,7 @@ def logits(path, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + MOE_FAMILIES)
 def test_llama_pro_keeps_logits_identical(tmp_path, family):
     base = make_tiny(tmp_path / "base", family)
     out = tmp_path / "out"

@@ -14,13 +14,18 @@ Beyond the Llama block, a description can say:
   only in layers of that type (a hybrid such as Bamba); ``layer_index_lists`` are config fields
   listing the indices of layers of one type (rewritten for the new layout);
 - ``config_names``: this family's config.json name for a standard field (GPT-2's ``n_layer``).
+- a block key holding ``{expert}`` (a mixture-of-experts block): one tensor per routed expert;
+  ``expert_count`` names the config fields that may hold the number of experts, and
+  :func:`architecture_for` expands the keys for the checkpoint's config (each expanded role knows
+  its ``expert`` and ``template``); ``requires`` lists config values the description assumes (a
+  checkpoint whose config says otherwise is refused, naming the field).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 
@@ -38,6 +43,10 @@ class TensorRole:
     output: bool = False
     """Writes into the residual stream: zero it and the block becomes an identity map."""
     norm: bool = False
+    expert: int | None = None
+    """The routed expert the tensor belongs to (set when a ``{expert}`` key is expanded)."""
+    template: str | None = None
+    """The block key it was expanded from (``mlp.experts.{expert}.up_proj.weight``)."""
     transposed: bool = False
     """Stored [in, out] (GPT-2's Conv1D) instead of [out, in]."""
     layer_type: str | None = None
@@ -56,6 +65,9 @@ class TensorRole:
         return {*self.row_spaces, *((self.cols,) if self.cols else ())}
 
 
+EXPERT = "{expert}"
+
+
 @dataclass(frozen=True)
 class Architecture:
     family: str
@@ -69,6 +81,10 @@ class Architecture:
     """Config fields counting a prefix of the layers (like Qwen2's ``max_window_layers``)."""
     embeddings: tuple[str, ...] = ("model.embed_tokens.weight", "lm_head.weight")
     """Parameter names of the token embeddings and the output head (frozen unless asked)."""
+    expert_count: tuple[str, ...] = ()
+    """Config fields that may hold the number of routed experts (the first present is used)."""
+    requires: dict = field(default_factory=dict)
+    """Config values the description assumes (absent fields take transformers' default)."""
     config_names: dict[str, str] = field(default_factory=dict)
     """This family's config.json key for a standard field (GPT-2: ``num_hidden_layers`` is
     ``n_layer``), as the config class's ``attribute_map`` says."""
@@ -93,6 +109,40 @@ class Architecture:
 
     def output_suffixes(self) -> set[str]:
         return {s for s, r in self.block.items() if r.output}
+
+    def experts(self) -> dict[int, dict[str, str]]:
+        """Expert -> {template: suffix} for every expert tensor of an expanded block."""
+        out: dict[int, dict[str, str]] = {}
+        for suffix, role in self.block.items():
+            if role.expert is not None:
+                out.setdefault(role.expert, {})[role.template] = suffix
+        return dict(sorted(out.items()))
+
+    def for_config(self, config: dict, option: str = "--model") -> Architecture:
+        """The description with its ``{expert}`` keys expanded for ``config``; a UserError if the
+        config contradicts ``requires`` or lacks the expert count."""
+        problems = [
+            f"{option}: config.json has {name}={config[name]!r}; the {self.family} description "
+            f"supports only {name}={want!r} (every decoder layer of the same kind)"
+            for name, want in self.requires.items()
+            if name in config and config[name] != want
+        ]
+        templates = [s for s in self.block if EXPERT in s]
+        count = next((config[f] for f in self.expert_count if isinstance(config.get(f), int)), None)
+        if templates and count is None:
+            problems.append(f"{option}: config.json holds no expert count ({' or '.join(self.expert_count)})")
+        if problems:
+            raise UserError(problems)
+        if not templates:
+            return self
+        block: dict[str, TensorRole] = {}
+        for key, role in self.block.items():
+            if EXPERT not in key:
+                block[key] = role
+                continue
+            for e in range(count):
+                block[key.replace(EXPERT, str(e))] = replace(role, expert=e, template=key)
+        return replace(self, block=block)
 
     def config_key(self, name: str) -> str:
         """The config.json key of a standard field (``num_hidden_layers``) in this family."""
@@ -137,6 +187,8 @@ def all_architectures() -> tuple[Architecture, ...]:
                 block={k: TensorRole(**v) for k, v in raw["block"].items()},
                 per_layer_lists=tuple(raw.get("per_layer_lists", ())),
                 layer_prefix_counts=tuple(raw.get("layer_prefix_counts", ())),
+                expert_count=tuple(raw.get("expert_count", ())),
+                requires=raw.get("requires", {}),
                 config_names=dict(raw.get("config_names", {})),
                 layer_type_list=raw.get("layer_type_list"),
                 layer_index_lists=tuple(raw.get("layer_index_lists", ())),
@@ -151,15 +203,16 @@ def supported_names() -> str:
 
 
 def architecture_for(config: dict, option: str = "--model") -> Architecture:
-    """The description matching an HF ``config.json`` dict, or a UserError listing what is supported."""
+    """The description matching an HF ``config.json`` dict (expanded for its experts, if any), or a
+    UserError listing what is supported."""
     archs = config.get("architectures") or []
     model_type = config.get("model_type")
     for arch in all_architectures():
         if any(a in arch.architectures for a in archs):
-            return arch
+            return arch.for_config(config, option)
     for arch in all_architectures():
         if not archs and model_type in arch.model_types:
-            return arch
+            return arch.for_config(config, option)
     shown = archs[0] if archs else "?"
     raise UserError(
         f"{option}: unsupported architecture {shown} (model_type {model_type!r}); "

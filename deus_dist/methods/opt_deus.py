@@ -1,10 +1,12 @@
 """``opt-deus``: optimal-transport depth up-scaling (arXiv 2508.08011).
 
 For each new block between base layers k and k+1 (A, B): A's units are transported onto B's order
-space by space (KV groups, query heads within groups, MLP neurons; the residual stream never
-moves), then fused = (1 - t) * aligned A + t * B, and o_proj/down_proj are zeroed so the up-scaled
-model computes exactly what the base did (``--no_zero_init`` keeps them). ``--ot_variant
-reference`` reproduces the authors' released code instead (see ``deus_dist/ot/reference.py``).
+space by space (KV groups, query heads within groups, MLP neurons; on mixture-of-experts blocks the
+routed experts with their router rows, and the neurons inside each matched pair of experts; the
+residual stream never moves), then fused = (1 - t) * aligned A + t * B, and o_proj/down_proj are
+zeroed so the up-scaled model computes exactly what the base did (``--no_zero_init`` keeps
+them). ``--ot_variant reference`` reproduces the authors' released code instead (see
+``deus_dist/ot/reference.py``).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class OptDeus(Method):
         "calib_tokens",
         "fuse_weight",
         "zero_init",
+        "ot_expert_cost",
     )
 
     def prepare(self, reader, arch, plan, cfg, block_suffixes=None):
@@ -69,6 +72,11 @@ class OptDeus(Method):
             problems.append(f"--ot_max_iter must be at least 1, got {cfg.ot_max_iter}")
         if cfg.ot_cost == "activations" and cfg.calib_tokens < 16:
             problems.append(f"--calib_tokens must be at least 16, got {cfg.calib_tokens}")
+        if arch.experts() and cfg.ot_cost == "activations" and cfg.ot_variant == "aligned":
+            problems.append(
+                "--ot_cost activations: not available on mixture-of-experts blocks (transformers runs "
+                "the experts stacked, so one expert's activations cannot be hooked); use --ot_cost weights"
+            )
         if cfg.ot_variant == "reference":
             from deus_dist.ot.reference import check_supported
 
@@ -86,7 +94,22 @@ class OptDeus(Method):
         self.function_preserving = cfg.zero_init
         names = {s: arch.layer_name(0, s) for s in block_suffixes or arch.block}
         shapes = {s: tuple(reader.tensors[n].shape) for s, n in names.items() if n in reader.tensors}
-        self.mlp_units, self.mlp_width = space_size(arch, shapes, "mlp") or (0, 0)
+        # Neuron spaces and how many plans each needs per block: (units, width, plans).
+        self.neuron_spaces = []
+        self.kept_bytes = 0
+        mlp = space_size(arch, shapes, "mlp")
+        if mlp is not None:
+            self.neuron_spaces.append((*mlp, 1))
+        if arch.experts():
+            from deus_dist.ot.experts import expert_units
+
+            experts, units, width = expert_units(arch, shapes)
+            pairs = experts if cfg.ot_expert_cost == "router" else experts * experts + experts
+            self.neuron_spaces.append((units, width, pairs))
+            if cfg.ot_expert_cost != "router":
+                # the E^2 pairs' neuron permutations, kept until the experts are matched (int64)
+                self.kept_bytes = experts * experts * units * 8
+        self.mlp_units = max((n for n, _, _ in self.neuron_spaces), default=0)
         self.runner = None
         if cfg.ot_cost == "activations" and cfg.ot_variant == "aligned":
             import torch
@@ -110,7 +133,9 @@ class OptDeus(Method):
             fa = fb = None
             if self.runner is not None:
                 fa, fb = self.runner.features(layers[0], a, b)
-            aligned, reports = align_block(a, b, arch, self.geo, self.solver, fa, fb)
+            aligned, reports = align_block(
+                a, b, arch, self.geo, self.solver, fa, fb, expert_cost=self.cfg.ot_expert_cost
+            )
             t = self.cfg.fuse_weight
             # In place where alignment already made a copy: one block less at the peak.
             block = {
@@ -147,18 +172,22 @@ class OptDeus(Method):
                 calib_data=c.calib_data or "embedded Wikipedia sample (train slice)",
                 calib_tokens=c.calib_tokens,
             )
+        if self.arch.experts():
+            out.update(ot_expert_cost=c.ot_expert_cost, expert_matching="exact")
         return out
 
     def working_bytes(self, block_bytes):
         """Sources, the aligned copy that becomes the new block, the MLP cost and the solver's own
-        copy of it (exact: float64; sinkhorn: a few float64 n x n temporaries)."""
+        copy of it (exact: float64; sinkhorn: a few float64 n x n temporaries), and on a
+        mixture-of-experts block the expert pairs' neuron plans."""
         n2 = self.mlp_units**2 * 4
         solver = {"auction": 1, "exact": 2, "emd": 4, "sinkhorn": 6}[self.cfg.ot_solver]
-        return 3 * block_bytes + (1 + solver) * n2
+        return 3 * block_bytes + (1 + solver) * n2 + self.kept_bytes
 
     def block_flops(self):
-        # The MLP cost: an n x n product over gate rows, up rows and down columns (3 x width).
-        return 2.0 * self.mlp_units**2 * 3 * self.mlp_width
+        # Each neuron cost: an n x n product over gate rows, up rows and down columns (3 x width);
+        # a mixture-of-experts block needs one per pair of experts (and per matched pair again).
+        return sum(2.0 * units**2 * 3 * width * plans for units, width, plans in self.neuron_spaces)
 
     def summary(self):
         diagnostics = self.diagnostics()

@@ -7,7 +7,10 @@ Spaces of a block (see ``deus_dist/architectures/llama.json``):
 - ``kv_heads`` / ``q_heads``: one transport over KV groups (a kv head with its H/Hkv query heads)
   and, inside each matched pair of groups, one over the query heads. Whole heads move; dimensions
   inside a head never do (RoPE pairs them);
-- ``head_dim``: q_norm/k_norm act on a head's dimensions and move with nothing.
+- ``head_dim``: q_norm/k_norm act on a head's dimensions and move with nothing;
+- ``experts`` / ``expert_mlp``: routed experts of a mixture-of-experts block and the neurons
+  inside each (see :mod:`deus_dist.ot.experts`). A block may have no dense ``mlp`` space, or use
+  it for a shared expert (a dense MLP beside the routed ones).
 
 A unit's features are its rows (for tensors whose rows live in the space) and columns (for tensors
 whose columns do), concatenated; the same extraction serves weights and activations (for
@@ -336,10 +339,11 @@ def head_plans(
     return kv_plan, q_plan, kv_report, q_report
 
 
-TRANSPORTED = ("mlp", "kv_heads", "q_heads")
-"""Spaces the transport moves; ``residual`` and ``head_dim`` never move. A block with a tensor
-in any other space (a state-space layer's channels) cannot be aligned."""
-FIXED = ("residual", "head_dim")
+TRANSPORTED = ("mlp", "kv_heads", "q_heads", "experts", "expert_mlp")
+"""Spaces the transport moves; ``residual``, ``head_dim`` and ``gate_scalar`` (Qwen2-MoE's
+one-row shared-expert gate) never move. A block with a tensor in any other space (a state-space
+layer's channels) cannot be aligned."""
+FIXED = ("residual", "head_dim", "gate_scalar")
 
 
 def unaligned_tensors(arch: Architecture, suffixes) -> list[str]:
@@ -356,8 +360,11 @@ def align_block(
     solver: SolverSettings,
     features_a: dict[str, torch.Tensor] | None = None,
     features_b: dict[str, torch.Tensor] | None = None,
+    expert_cost: str = "weights+router",
 ) -> tuple[dict[str, torch.Tensor], dict[str, SpaceReport]]:
-    """A with its units moved to B's order, and a report per space. Features default to weights."""
+    """A with its units moved to B's order, and a report per space. Features default to weights
+    (experts are aligned on weights only); ``expert_cost``: how experts are paired
+    (:func:`deus_dist.ot.experts.align_experts`)."""
     unknown = unaligned_tensors(arch, a)
     if unknown:
         raise ValueError(f"no transport is defined for the spaces of {unknown}")
@@ -376,6 +383,11 @@ def align_block(
             solver,
         )
         apply_plan(aligned, arch, "mlp", plan, units)
+    if arch.experts():
+        from deus_dist.ot.experts import align_experts
+
+        aligned, expert_reports = align_experts(aligned, b, arch, solver, expert_cost)
+        reports.update(expert_reports)
     if "kv_heads" in spaces:
         kv_plan, q_plan, reports["kv_heads"], reports["q_heads"] = head_plans(
             unit_features(fa_src, arch, "kv_heads", geo.kv_heads, units, stored),

@@ -11,20 +11,41 @@ if TYPE_CHECKING:
     from deus_dist.train.setup import TrainSetup
 
 
-def layer_param_counts(setup: TrainSetup, model) -> tuple[list[int], list[int], int]:
-    """Per-layer parameter counts (all, trainable) and the output head's, for MFU."""
+def layer_param_counts(setup: TrainSetup, model) -> tuple[list[float], list[float], int]:
+    """Per-layer parameter counts (all, trainable) and the output head's, for MFU: the parameters
+    a token uses, so a mixture-of-experts layer's routed experts count num_experts_per_tok / E
+    (each token goes through that many of them, forward and backward). Trainable: what the
+    engine trains (``requires_grad``; transformers may stack several on-disk tensors into one
+    parameter, so names from the trainable set are not the parameters' names)."""
     arch, config = setup.arch, setup.model_config
     n = arch.config_value(config, "num_hidden_layers")
-    layers, trainable = [0] * n, [0] * n
-    chosen = set(setup.trainable)
+    layers, trainable = [0.0] * n, [0.0] * n
+    share = _routed_share(setup, model)
     for name, p in model.named_parameters():
         split = setup.arch.split_name(name)
         if split is not None:
-            numel = getattr(p, "ds_numel", p.numel())
+            numel = getattr(p, "ds_numel", p.numel()) * share.get(name, 1.0)
             layers[split[0]] += numel
-            trainable[split[0]] += numel if name in chosen else 0
+            trainable[split[0]] += numel if p.requires_grad else 0
     head = arch.config_value(config, "vocab_size") * arch.config_value(config, "hidden_size")
     return layers, trainable, head
+
+
+def _routed_share(setup: TrainSetup, model) -> dict[str, float]:
+    """Parameter name -> the share of it one token uses, for parameters holding routed experts."""
+    experts = len(setup.arch.experts())
+    if not experts:
+        return {}
+    from deus_dist.checkpoint.layout import disk_names
+
+    top_k = setup.model_config.get("num_experts_per_tok", experts)
+    out = {}
+    for name, sources in disk_names(model).items():
+        splits = [setup.arch.split_name(s) for s in sources]
+        roles = [setup.arch.block.get(split[1]) if split else None for split in splits]
+        if roles and all(r is not None and r.expert is not None for r in roles):
+            out[name] = top_k / experts
+    return out
 
 
 def trained_flops_per_token(setup: TrainSetup, model) -> float:

@@ -23,6 +23,7 @@ from deus_dist.checkpoint import (
     TensorSpec,
     copy_aux_files,
 )
+from deus_dist.checkpoint.layout import to_disk_layout
 from deus_dist.checkpoint.manifest import MANIFEST_NAME
 from deus_dist.checkpoint.writer import parse_size
 from deus_dist.errors import CheckpointError, Problems, UserError
@@ -80,7 +81,9 @@ def export_checkpoint(
     if model_identity(base_dir) != state.model["identity"]:
         raise UserError(f"--base: {base_dir} is not the checkpoint {found} was trained from")
     max_shard = parse_size(shard_size, "--shard_size")
-    trained = trained_tensors(found)
+    # DeepSpeed's checkpoint holds the model's parameters (stacked experts, say); the base and the
+    # export hold the on-disk tensors
+    trained = to_disk_layout(base_dir, trained_tensors(found))
     with CheckpointReader(base_dir, option="--base") as reader:
         tied = reader.config.get("tie_word_embeddings", False)
         extra = sorted(n for n in trained if n not in reader.tensors and not (tied and n == "lm_head.weight"))

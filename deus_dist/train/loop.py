@@ -7,6 +7,12 @@ micro_batch``. The loss is the mean over the step's target tokens, so the world 
 accumulation split change nothing but the order of floating-point sums. Everything that changes
 is in ``TrainState`` and DeepSpeed's checkpoint, so a run stopped after any step and resumed
 computes exactly what an uninterrupted run computes.
+
+A mixture-of-experts model also optimises the router's auxiliary load-balancing loss, as
+transformers computes it (``output_router_logits``: ``loss += router_aux_loss_coef * aux_loss``
+per micro-batch). metrics.jsonl then has ``aux_loss`` (transformers' unweighted value, mean over
+the step's micro-batches and ranks) and keeps ``loss`` the language-model loss alone, comparable
+with ``eval_loss`` (which is scored without the auxiliary term) and with dense runs.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from deus_dist.train import checkpointing
 from deus_dist.train.checkpointing import TrainState
 from deus_dist.train.dist import DistEnv, all_mean, any_rank
 from deus_dist.train.metrics import Metrics, format_record, peak_memory_gb
+from deus_dist.train.model import router_aux_coef
 from deus_dist.train.pipeline import PackedData
 
 
@@ -77,10 +84,13 @@ def evaluate(engine, data: PackedData, cfg: TrainConfig, env: DistEnv) -> float:
         per_rank = min(per_rank, cfg.eval_batches * cfg.micro_batch)
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=env.device)
+    # a mixture-of-experts model scores the language-model loss alone (no router term)
+    router = {} if router_aux_coef(engine.module) is None else {"output_router_logits": False}
     for start in range(0, per_rank, cfg.micro_batch):
         rows = [env.rank + env.world_size * i for i in range(start, min(per_rank, start + cfg.micro_batch))]
         # num_items_in_batch=1: the model returns the sum over target tokens, counted exactly
-        loss = engine(**_on(env.device, data.eval.batch(rows)), use_cache=False, num_items_in_batch=1).loss
+        batch = _on(env.device, data.eval.batch(rows))
+        loss = engine(**batch, use_cache=False, num_items_in_batch=1, **router).loss
         total += torch.tensor([loss.item(), data.eval.targets(rows)], dtype=torch.float64, device=env.device)
     engine.train()
     if env.world_size > 1:
@@ -114,6 +124,8 @@ def train(
         dynamic_ncols=True,
     )
     last_ckpt = None
+    aux_coef = router_aux_coef(engine.module)
+    router = {} if aux_coef is None else {"output_router_logits": True}
     try:
         while state.step < state.total_steps:
             step = state.step + 1
@@ -126,23 +138,29 @@ def train(
             # each micro-batch returns its sum over this share of the step's targets, and
             # DeepSpeed's 1/grad_accum and the mean over ranks make it a mean over all of them.
             share = max(1, data.targets(state.consumed, per_step)) / (cfg.grad_accum * env.world_size)
-            losses = []
+            losses, aux_losses = [], []
             for micro in range(cfg.grad_accum):
                 position = state.consumed + (micro * env.world_size + env.rank) * cfg.micro_batch
                 batch = _on(env.device, data.batch(position, cfg.micro_batch))
-                loss = engine(**batch, use_cache=False, num_items_in_batch=share).loss
-                engine.backward(loss)
+                out = engine(**batch, use_cache=False, num_items_in_batch=share, **router)
+                engine.backward(out.loss)
                 engine.step()  # DeepSpeed updates only at the accumulation boundary
-                losses.append(loss.detach())
+                if router:
+                    aux_losses.append(out.aux_loss.detach().float())
+                    losses.append(out.loss.detach().float() - aux_coef * aux_losses[-1])
+                else:
+                    losses.append(out.loss.detach())
             loss = all_mean(torch.stack(losses).float().mean().item(), env)  # syncs the device too
             seconds = time.perf_counter() - start
             state.step, state.consumed = step, state.consumed + per_step
             state.tokens += per_step * cfg.seq_len
             grad_norm = engine.get_global_grad_norm()
+            aux = {"aux_loss": all_mean(torch.stack(aux_losses).mean().item(), env)} if router else {}
             tokens_per_s = per_step * cfg.seq_len / seconds
             record = {
                 "step": step,
                 "loss": loss,
+                **aux,
                 "lr": lr,
                 "tokens": state.tokens,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,

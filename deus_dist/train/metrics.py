@@ -102,6 +102,8 @@ class Metrics:
 
 def format_record(r: dict, total: int) -> str:
     parts = [f"step {r['step']}/{total}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}"]
+    if "aux_loss" in r:
+        parts.append(f"router aux {r['aux_loss']:.4f}")
     if r.get("grad_norm") is not None:
         parts.append(f"grad {r['grad_norm']:.3f}")
     parts.append(f"{r['tokens_per_s']:.0f} tok/s")

@@ -67,6 +67,15 @@ def load_model(source, ds: dict, activation_checkpointing: bool):
     return model, hf_ds
 
 
+def router_aux_coef(model) -> float | None:
+    """The weight of the router's auxiliary load-balancing loss of a transformers mixture-of-experts
+    model (its config has ``output_router_logits`` and ``router_aux_loss_coef``), else None."""
+    config = model.config
+    if not hasattr(config, "output_router_logits"):
+        return None
+    return float(getattr(config, "router_aux_loss_coef", 0.0))
+
+
 def _input_requires_grad(module, args, kwargs):
     def mark(t):
         if torch.is_grad_enabled() and torch.is_tensor(t) and t.is_floating_point() and not t.requires_grad:
@@ -85,7 +94,9 @@ def wrap_model(model, chosen: set[str], ds: dict, weight_decay: float, leaf_laye
 
     ``leaf_layers``: ZeRO-3 fetches a whole decoder layer's parameters in one hook instead of one
     per Linear/norm (DeepSpeed's z3 leaf modules; the layer class is the model's own
-    ``_no_split_modules``), which cuts the per-module hook and all-gather launches ~7x.
+    ``_no_split_modules``), which cuts the per-module hook and all-gather launches ~7x. A
+    mixture-of-experts model needs it: ranks whose tokens go to different experts would otherwise
+    wait on different parameter fetches (setup refuses --no_zero3_leaf_layers for one).
     """
     import deepspeed
 
@@ -100,6 +111,12 @@ def wrap_model(model, chosen: set[str], ds: dict, weight_decay: float, leaf_laye
 
         names = set(getattr(model, "_no_split_modules", None) or [])
         layers = [m for m in model.modules() if type(m).__name__ in names]
+        if not layers and router_aux_coef(model) is not None:
+            raise RuntimeError(
+                f"{type(model).__name__} names no decoder layer class in _no_split_modules, so its "
+                "mixture-of-experts layers cannot be made ZeRO-3 leaves"
+            )
+        counts["zero3_leaves"] = sorted({type(m).__name__ for m in layers})
         if layers:
             set_z3_leaf_modules(model, list({type(m) for m in layers}))
             # A leaf layer whose input needs no gradient gets its parameters released by
@@ -117,10 +134,14 @@ def wrap_model(model, chosen: set[str], ds: dict, weight_decay: float, leaf_laye
 
 def build_engine(setup: TrainSetup):
     """(engine, counts) for a run: the model loaded into ZeRO-3 partitions, the trainable set."""
+    from deus_dist.checkpoint.layout import disk_names, parameters_holding
+
     model, hf_ds = load_model(setup.model_dir, setup.ds_config, setup.cfg.activation_checkpointing)
-    chosen = set(setup.trainable)
-    names = {n for n, _ in model.named_parameters()}
-    missing = sorted(chosen - names)
+    # setup.trainable names on-disk tensors; transformers may hold several in one parameter
+    # (stacked experts), so the parameters that train are those holding them.
+    chosen = set(parameters_holding(model, setup.trainable))
+    held = {s for sources in disk_names(model).values() for s in sources}
+    missing = sorted(set(setup.trainable) - held)
     if missing and not (setup.model_config.get("tie_word_embeddings") and missing == ["lm_head.weight"]):
         raise UserError(f"--trainable: the loaded model has no parameters {missing[:3]}")
     engine, counts = wrap_model(

@@ -112,6 +112,8 @@ def start(cfg: TrainConfig, pipeline: DataPipeline | None = None, log=print) -> 
         f"{env.device.type} in {setup.precision}; {len(data.train)} training blocks of {cfg.seq_len} tokens; "
         f"global batch {setup.global_batch} ({cfg.micro_batch} x {cfg.grad_accum} x {env.world_size}); {total} steps"
     )
+    if counts.get("zero3_leaves"):
+        say(f"ZeRO-3 leaf modules (one parameter fetch per layer): {', '.join(counts['zero3_leaves'])}")
     return Run(env=env, setup=setup, data=data, engine=eng, counts=counts, state=state, say=say)
 
 

@@ -166,11 +166,23 @@ def validate(cfg: TrainConfig, world_size: int, cuda: bool, pipeline: DataPipeli
     arch = attempt(lambda: architecture_for(config))
     manifest = attempt(lambda: read_manifest(model_dir))
     problems.items += context_problems(model_dir, cfg.seq_len)
+    if arch is not None and arch.experts() and not cfg.zero3_leaf_layers:
+        problems.append(
+            "--no_zero3_leaf_layers: a mixture-of-experts model trains with each decoder layer as a "
+            "ZeRO-3 leaf (ranks routing tokens to different experts would otherwise wait on different "
+            "parameter fetches); drop the flag"
+        )
     trainable = None
     if arch is not None:
         trainable = attempt(
             lambda: trainable_names(names, cfg.trainable, arch, manifest, cfg.train_embeddings)
         )
+    if trainable is not None and arch.experts():
+        from deus_dist.checkpoint.layout import meta_model, parameters_holding
+
+        # transformers stacks a layer's experts into one parameter: refuse part of one here,
+        # before any rank loads the model
+        attempt(lambda: parameters_holding(meta_model(model_dir), trainable))
     if auto_ds and trainable is not None:
         raw_ds = attempt(
             lambda: _planned_ds_config(cfg, config, trainable, world_size, cuda, notes, resume_from)
