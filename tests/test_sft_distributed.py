@@ -62,10 +62,12 @@ def test_sft_trains_resumes_and_weighs_every_target_token_alike(train_setup, cha
     tag = "" if ds_config == "zero3_cpu.json" else "-" + ds_config.split(".")[0]
     ds = ["--ds_config", REPO / "ds_configs" / ds_config]  # after sft_args' own: the last one wins
     run_a, run_b = f"sft-a{tag}", f"sft-b{tag}"
+    cached = (root / "chat-cache").is_dir()  # conversations are laid out once per cache
     first = launch(
         sft_args(train_setup, chats, run_a, "--micro_batch", "2", "--grad_accum", "1", *ds), script=SFT
     )
-    assert "kept" in first.stdout and "training rows" in first.stdout
+    if not cached:  # whichever parametrization runs first lays them out and reports it
+        assert "kept" in first.stdout and "training rows" in first.stdout
     launch(
         sft_args(
             train_setup, chats, run_b, "--micro_batch", "1", "--grad_accum", "2", "--stop_at_step", "2", *ds
