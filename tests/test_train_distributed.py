@@ -156,7 +156,8 @@ def dump(setup, run: str, nproc: int, out: Path, sharding: str = "zero3") -> dic
     args = train_args(setup, run, "--max_steps", "6", *sharded(sharding))
     cmd = launch_cmd([out, *args], "torchrun", nproc, script=DUMP)
     proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # the head too: a rank's own words come before torchrun's summary of who failed
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[:3000] + "\n...\n" + proc.stderr[-2000:]
     return torch.load(out, weights_only=False)
 
 

@@ -84,14 +84,16 @@ sys.path.insert(0, "tests")
 from conftest import add_char_tokenizer, make_tiny
 work = Path(sys.argv[1])
 base = make_tiny(work / "base", "llama", hidden_size=256, intermediate_size=512, num_hidden_layers=8,
-                 num_attention_heads=8, num_key_value_heads=4, head_dim=32)
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=512)
 add_char_tokenizer(base)
 text = Path("README.md").read_text()
 paras = [p.strip() for p in re.split(r"\n\s*\n", text) if len(p.strip()) > 80]
 with open(work / "text.jsonl", "w") as f:
     for p in paras:
         f.write(json.dumps({"text": p}) + "\n")
-# conversations: a README section's heading asks, its first paragraph answers
+# conversations: a README section's heading asks, its first paragraph answers; each is at most
+# 120 + 260 characters, so that it fits a 512-token row of the character tokenizer whole, whatever
+# the README holds (a conversation that does not fit is dropped, and with it perhaps the held-out set)
 sections = re.findall(r"^#+ (.+)\n+((?:.+\n)+)", text, flags=re.M)
 with open(work / "chat.jsonl", "w") as f:
     for i, (head, body) in enumerate(sections * 4):
@@ -152,7 +154,7 @@ step cpt_resume_equals_uninterrupted 30 compare_runs
 
 # -- 4. SFT with packing (FlashAttention varlen where installed, else SDPA with a block mask)
 step sft_packing 180 $PY launchers/sft.py --model "$WORK/up" --data "$WORK/chat.jsonl" --ds_config "$DS" \
-    --precision "$PREC" --seq_len 256 --micro_batch 2 --grad_accum 1 --max_steps 6 --lr 1e-3 \
+    --precision "$PREC" --seq_len 512 --micro_batch 2 --grad_accum 1 --max_steps 6 --lr 1e-3 \
     --warmup_steps 0 --eval_batches 1 --quiet --packing --chat_template chatml \
     --output_dir "$WORK/sft" --no_export
 
