@@ -249,4 +249,15 @@ def test_cpt_with_ds_config_auto_picks_a_cpu_config_and_trains(train_setup):
     assert "--ds_config auto: ds_configs/zero1.json (zero1), the fastest that fits" in proc.stdout, (
         proc.stdout
     )
-    assert [r["step"] for r in read_metrics(train_setup[0] / "auto")] == [1, 2]
+    records = read_metrics(train_setup[0] / "auto")
+    assert [r["step"] for r in records] == [1, 2]
+    # the run records the planner's figure for itself as launched: 2 ranks, the manifest's new
+    # layers training, micro-batch 2 x 64 tokens, 2 accumulation steps, fp32, zero1.json's buffers
+    model = train_setup[1]
+    config = json.loads((model / "config.json").read_text())
+    new = json.loads((model / "deus_manifest.json").read_text())["new_layers"]
+    run = RunShape(gpus_per_node=2, seq_len=64, micro_batch=2, grad_accum=2, precision="fp32")
+    zero1 = next(sh for sh in shardings(cuda=False) if sh.name == "zero1")
+    expected = plan_choice(shape_from_config(config, new), run, zero1).peak / 1e9
+    assert [r["planned_memory_gb"] for r in records] == pytest.approx([expected, expected])
+    assert "memory plan (zero1): " in proc.stdout

@@ -222,8 +222,9 @@ def test_a_study_runs_resumes_and_reports(tiny, tmp_path):
         base["ppl"][held.stem]["ppl_low"] < base["ppl"][held.stem]["ppl"] < base["ppl"][held.stem]["ppl_high"]
     )
     assert base["step0_ppl"][held.stem] > base["ppl"][held.stem]["ppl"] > 1  # training helped
+    assert 0 < base["planned_memory_gb"] < base["peak_memory_gb"]  # the plan counts tensors, RSS all
     md = (out / "report.md").read_text()
-    assert "no difference" in md and "(baseline)" in md
+    assert "no difference" in md and "(baseline)" in md and "planned GB" in md
     for png in ("loss_vs_tokens.png", "loss_vs_seconds.png", f"ppl_{held.stem}.png", "delta_vs_baseline.png"):
         assert (out / png).stat().st_size > 1000
     plan = json.loads((out / "plan.json").read_text())

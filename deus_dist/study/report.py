@@ -37,6 +37,7 @@ def _curve(cell: Cell) -> list[dict]:
                     "step_seconds": r["step_seconds"],
                     "tokens_per_s": r["tokens_per_s"],
                     "peak_memory_gb": r.get("peak_memory_gb"),
+                    "planned_memory_gb": r.get("planned_memory_gb"),
                     "eval_loss": r.get("eval_loss"),
                 }
             )
@@ -88,6 +89,9 @@ def collect(study, plans: dict[str, ArmPlan], cells: list[Cell], env) -> dict:
             arm["seconds_per_step"] = statistics.median(r["step_seconds"] for r in flat)
             arm["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in flat)
             arm["peak_memory_gb"] = max((r["peak_memory_gb"] or 0) for r in flat)
+            # what the memory planner gave each stage's run, as launched (train/memory_plan.py)
+            planned = [r["planned_memory_gb"] for r in flat if r["planned_memory_gb"] is not None]
+            arm["planned_memory_gb"] = max(planned) if planned else None
             # the FLOPs formula against the clock: predicted FLOPs over measured training seconds
             seconds = float(np.mean([c[-1]["seconds"] for c in curves if c]))
             arm["gflops_per_s"] = plan.flops / seconds / 1e9 if seconds else None
@@ -186,7 +190,7 @@ def markdown(study, report: dict) -> str:
     arms, sets = report["arms"], list(report["sets"])
     head = ["arm", "params (total / trained)", "steps", "tokens", "TFLOPs"]
     head += [f"{t} acc" for t in study.eval_tasks]
-    head += ["s/step", "GFLOP/s", "tok/s", "peak GB", "fuse s", "seeds"]
+    head += ["s/step", "GFLOP/s", "tok/s", "peak GB", "planned GB", "fuse s", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, a in arms.items():
         params = a.get("params") or {}
@@ -207,6 +211,7 @@ def markdown(study, report: dict) -> str:
             _fmt(a.get("gflops_per_s"), ".1f"),
             _fmt(a.get("tokens_per_s"), ".0f"),
             _fmt(a.get("peak_memory_gb")),
+            _fmt(a.get("planned_memory_gb")),
             _fmt(a.get("fuse_seconds"), ".1f"),
             str(len(a["seeds"])),
         ]
@@ -235,7 +240,10 @@ def markdown(study, report: dict) -> str:
         "baseline over the same windows and seeds, 95% bootstrap interval (seeds and windows resampled); an "
         "interval containing 0 is reported as no difference. Task accuracy: mean over seeds ± lm-eval's "
         "standard error (test-set sampling). GFLOP/s: the budget's FLOPs formula over the measured training "
-        "seconds; about equal across arms when the formula tracks the real cost.",
+        "seconds; about equal across arms when the formula tracks the real cost. Peak GB: rank 0's measured peak "
+        "(allocated GPU memory; on CPUs the process's peak RSS, libraries included); planned GB: the memory "
+        "planner's peak per device for the same run (tools/plan_memory.py), the largest over the arm's stages: "
+        "where the placement moves memory.",
     ]
     if single:
         notes += [

@@ -107,6 +107,7 @@ def train(
     run_dir: Path,
     flops_per_token: float | None,
     peak_flops: float | None,
+    planned_memory_gb: float | None = None,
 ) -> Outcome:
     from tqdm import tqdm
 
@@ -168,6 +169,8 @@ def train(
                 "tokens_per_s": tokens_per_s,
                 "peak_memory_gb": peak_memory_gb(env.device),
             }
+            if planned_memory_gb is not None:
+                record["planned_memory_gb"] = planned_memory_gb
             if flops_per_token and peak_flops:
                 record["mfu"] = tokens_per_s * flops_per_token / (peak_flops * env.world_size)
             finishing = step == state.total_steps

@@ -609,6 +609,67 @@ def read_config_json(path: str, option: str) -> dict:
         raise UserError(f"{option}: {p} is not valid JSON ({e})") from None
 
 
+def sharding_of(ds: dict, config: str | None = None) -> Sharding:
+    """The choice a resolved DeepSpeed config makes: its ZeRO stage, CPU offload and buffer sizes,
+    read by DeepSpeed's own ``DeepSpeedZeroConfig`` (so a size the config leaves out is DeepSpeed's
+    default, e.g. a 5e8-element reduce bucket, and ``overlap_comm`` defaults to ZeRO-3 only)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zero = DeepSpeedZeroConfig(**ds.get("zero_optimization", {}))
+    stage = int(zero.stage)
+    offload = any(
+        o is not None and str(getattr(o.device, "value", o.device)) != "none"
+        for o in (zero.offload_optimizer, zero.offload_param)
+    )
+    return Sharding(
+        f"zero{stage}" + ("-offload" if offload else ""),
+        stage,
+        offload=offload,
+        overlap_comm=bool(zero.overlap_comm),
+        reduce_bucket=int(zero.reduce_bucket_size),
+        prefetch_bucket=int(zero.prefetch_bucket_size),
+        persistence_threshold=int(zero.param_persistence_threshold),
+        config=config,
+    )
+
+
+def _run_shape(config: dict, trainable: set[str], world_size: int, **run) -> tuple[ModelShape, RunShape]:
+    """The planner's view of one launch: the model with exactly ``trainable`` training, on
+    ``world_size`` ranks of one node."""
+    return shape_from_config(config, [], trainable_names=set(trainable)), RunShape(
+        gpus_per_node=world_size, nodes=1, **run
+    )
+
+
+def plan_run(
+    config: dict,
+    trainable: set[str],
+    world_size: int,
+    ds: dict,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    grad_accum: int,
+    precision: str,
+    activation_checkpointing: bool,
+) -> ChoicePlan:
+    """The planned per-device bytes of a training run as launched: its model, its trainable
+    tensors and its resolved DeepSpeed config (what metrics.jsonl records beside the measured peak)."""
+    if int(ds.get("zero_optimization", {}).get("stage", 0)) not in (1, 2, 3):
+        raise UserError("--ds_config: the memory planner sizes ZeRO stages 1, 2 and 3 only")
+    shape, run = _run_shape(
+        config,
+        trainable,
+        world_size,
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        grad_accum=grad_accum,
+        precision=precision,
+        activation_checkpointing=activation_checkpointing,
+    )
+    return plan_choice(shape, run, sharding_of(ds))
+
+
 def auto_ds_config(
     config: dict,
     trainable: set[str],
@@ -643,10 +704,10 @@ def auto_ds_config(
             import psutil
 
             memory_gib = psutil.virtual_memory().total / GiB / world_size
-    shape = shape_from_config(config, [], trainable_names=trainable)
-    run = RunShape(
-        gpus_per_node=world_size,
-        nodes=1,
+    shape, run = _run_shape(
+        config,
+        trainable,
+        world_size,
         seq_len=seq_len,
         micro_batch=micro_batch,
         grad_accum=grad_accum,

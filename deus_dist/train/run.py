@@ -54,6 +54,8 @@ class Run:
     """Restored on a resume."""
     say: Callable[..., None]
     """``log`` on rank 0, nothing elsewhere."""
+    planned_memory_gb: float | None = None
+    """The memory planner's per-device peak for this run (``setup.planned_memory``), in GB."""
 
 
 def start(cfg: TrainConfig, pipeline: DataPipeline | None = None, log=print) -> Run:
@@ -79,6 +81,8 @@ def start(cfg: TrainConfig, pipeline: DataPipeline | None = None, log=print) -> 
         pipeline = TextPipeline()
     setup = run_setup.validate(cfg, env.world_size, cuda, pipeline, log=say)
     cfg = setup.cfg
+    # before the engine: its HfDeepSpeedConfig would make the planner's meta model a ZeRO-3 one
+    planned = run_setup.planned_memory(setup, "GPU" if cuda else "rank", say)
     data = run_setup.load_data(setup, env, log=say)
     if len(data.eval) < env.world_size:
         raise UserError(
@@ -114,7 +118,16 @@ def start(cfg: TrainConfig, pipeline: DataPipeline | None = None, log=print) -> 
     )
     if counts.get("zero3_leaves"):
         say(f"ZeRO-3 leaf modules (one parameter fetch per layer): {', '.join(counts['zero3_leaves'])}")
-    return Run(env=env, setup=setup, data=data, engine=eng, counts=counts, state=state, say=say)
+    return Run(
+        env=env,
+        setup=setup,
+        data=data,
+        engine=eng,
+        counts=counts,
+        state=state,
+        say=say,
+        planned_memory_gb=planned.peak / 1e9 if planned else None,
+    )
 
 
 def _check_outputs(cfg: TrainConfig) -> None:
@@ -139,7 +152,15 @@ def train_and_export(run: Run, log=print):
     setup, env, say, cfg = run.setup, run.env, run.say, run.setup.cfg
     fpt = trained_flops_per_token(setup, run.engine.module)
     outcome = loop.train(
-        run.engine, run.data, cfg, env, run.state, setup.run_dir, fpt, peak_flops(env.device)
+        run.engine,
+        run.data,
+        cfg,
+        env,
+        run.state,
+        setup.run_dir,
+        fpt,
+        peak_flops(env.device),
+        planned_memory_gb=run.planned_memory_gb,
     )
     if outcome.stopped_early:
         why = "on a signal" if outcome.signalled else f"at --stop_at_step {cfg.stop_at_step}"

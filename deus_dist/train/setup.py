@@ -270,6 +270,36 @@ def _planned_ds_config(
     return load_ds_config(path)
 
 
+def planned_memory(setup: TrainSetup, device: str, log=print):
+    """train/memory_plan.py's per-device plan for this run as launched (its model, trainable
+    tensors, world size and resolved DeepSpeed config), logged with its parts; the loop records
+    its peak beside the measured one. None, with the reason logged, for a config it does not size."""
+    from deus_dist.train.memory_plan import PART_LABELS, GiB, plan_run
+
+    cfg = setup.cfg
+    try:
+        plan = plan_run(
+            setup.model_config,
+            set(setup.trainable),
+            setup.world_size,
+            setup.ds_config,
+            seq_len=cfg.seq_len,
+            micro_batch=cfg.micro_batch,
+            grad_accum=cfg.grad_accum,
+            precision=setup.precision,
+            activation_checkpointing=cfg.activation_checkpointing,
+        )
+    except UserError as e:
+        log(f"memory plan: none ({e})")
+        return None
+    parts = ", ".join(f"{label} {plan.parts[key] / GiB:.2f}" for key, label in PART_LABELS.items())
+    log(
+        f"memory plan ({plan.name}): {plan.peak / GiB:.2f} GiB per {device} at peak ({parts} GiB); "
+        "metrics.jsonl records it as planned_memory_gb beside the measured peak_memory_gb"
+    )
+    return plan
+
+
 def cache_root(setup: TrainSetup) -> Path:
     return Path(setup.cfg.data_cache) if setup.cfg.data_cache else setup.run_dir / "data_cache"
 
