@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
+import sys
 
 import pytest
 
@@ -53,3 +55,24 @@ def test_cpu_dry_run_runs_every_step(tmp_path):
     assert "needs a GPU" in report["zeropp"]["skipped"]  # DeepSpeed's quantizer is CUDA-only
     table = (tmp_path / "out" / "gpu_check.txt").read_text()
     assert "cpt_resume_equals_uninterrupted" in table and "plan vs peak" in table
+
+
+def test_bench_train_measures_each_run_in_its_own_process_over_rounds(tmp_path):
+    """tools/bench_train.py's default: a process per run and round, the order reversed every other
+    round; the ratio is the median of the rounds' own ratios."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO / "tools" / "bench_train.py"), "--shape", "small", "--runs"]
+    cmd += ["plain:top,engine-z2:top", "--steps", "1", "--warmup", "0", "--rounds", "2"]
+    cmd += ["--seq_len", "32", "--micro_batch", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=launch_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [list(r) for r in report["rounds"]] == [
+        ["plain:top", "engine-z2:top"],
+        ["engine-z2:top", "plain:top"],
+    ]
+    per_round = report["ratios_per_round"]["engine-z2:top / plain:top"]
+    assert len(per_round) == 2 and all(x > 0 for x in per_round)
+    assert report["ratios"]["engine-z2:top / plain:top"] == pytest.approx(statistics.median(per_round))
+    assert [r["run"] for r in report["results"]] == ["plain:top", "engine-z2:top"]
+    assert "engine-z2:top / plain:top" in proc.stdout and "(rounds: " in proc.stdout

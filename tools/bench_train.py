@@ -20,7 +20,8 @@ examples:
   DS_ACCELERATOR=cpu python tools/bench_train.py --shape small --runs plain:top,engine:top,engine-noleaf:top
   python tools/bench_train.py --runs plain:top,engine:top,engine-z2:top,engine-z1:top   # every sharding
 
-Every engine run is also printed as a ratio to plain PyTorch with the same trainable set.
+Every engine run is also printed as a ratio to plain PyTorch with the same trainable set. Each run
+is measured in a process of its own (``--no-isolate``: all in this one), ``--rounds`` times in turn.
 """
 
 from __future__ import annotations
@@ -36,39 +37,24 @@ import time
 import torch
 
 SHAPES = {
+    # A base shape of the memory planner's table (deus_dist/train/memory_plan.BASE_SHAPES), up-scaled
+    # by num_new layers, and the batch each step trains on.
     # Llama-3.2-1B up-scaled 16 -> 24 layers: 1.72B parameters, tied embeddings.
-    "1b": dict(
-        base_layers=16,
-        num_new=8,
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        tie_word_embeddings=True,
-        rope_theta=500000.0,
-        max_position_embeddings=8192,
-        seq_len=2048,
-        micro_batch=4,
-    ),
+    "1b": dict(base="llama-3.2-1b", num_new=8, seq_len=2048, micro_batch=4, rope_theta=500000.0),
     # For CPUs: small enough for seconds per step, big enough that matmuls are not free.
-    "small": dict(
-        base_layers=8,
-        num_new=4,
-        vocab_size=8192,
-        hidden_size=512,
-        intermediate_size=1408,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=64,
-        tie_word_embeddings=True,
-        rope_theta=10000.0,
-        max_position_embeddings=1024,
-        seq_len=256,
-        micro_batch=2,
-    ),
+    "small": dict(base="small", num_new=4, seq_len=256, micro_batch=2, rope_theta=10000.0),
 }
+
+
+def base_config(shape: dict) -> dict:
+    """The base model's config.json entries of a bench shape."""
+    from deus_dist.train.memory_plan import BASE_SHAPES
+
+    return {"model_type": "llama", **BASE_SHAPES[shape["base"]]}
+
+
+def base_layers(shape: dict) -> int:
+    return base_config(shape)["num_hidden_layers"]
 
 
 TRAINABLE = ("top", "bottom", "interleaved", "full")
@@ -77,8 +63,13 @@ TRAINABLE = ("top", "bottom", "interleaved", "full")
 def model_config(shape: dict):
     from transformers import LlamaConfig
 
-    keys = {k: v for k, v in shape.items() if k not in ("base_layers", "num_new", "seq_len", "micro_batch")}
-    return LlamaConfig(num_hidden_layers=shape["base_layers"] + shape["num_new"], **keys)
+    keys = {k: v for k, v in base_config(shape).items() if k not in ("model_type", "num_hidden_layers")}
+    return LlamaConfig(
+        num_hidden_layers=base_layers(shape) + shape["num_new"],
+        rope_theta=shape["rope_theta"],
+        max_position_embeddings=max(1024, shape["seq_len"]),
+        **keys,
+    )
 
 
 def trainable_set(config, shape: dict, which: str) -> set[str]:
@@ -88,7 +79,7 @@ def trainable_set(config, shape: dict, which: str) -> set[str]:
     if which == "full":
         return {"all"}
     plan = insertion_plan(
-        shape["base_layers"], pair=True, placement=which, num_new=shape["num_new"], positions=None
+        base_layers(shape), pair=True, placement=which, num_new=shape["num_new"], positions=None
     )
     return {names[i] for i in plan.new_layers}
 
@@ -248,6 +239,40 @@ def measure(kind, which, args, shape, config, device, batches) -> dict:
     return result
 
 
+def measure_isolated(kind: str, which: str, args) -> dict:
+    """``measure`` in a new process of this script (one run, one round), its figures read back."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "run.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--runs", f"{kind}:{which}", "--rounds", "1"]
+        cmd += ["--no-isolate", "--json", out, "--shape", args.shape, "--steps", str(args.steps)]
+        cmd += ["--warmup", str(args.warmup), "--lr", str(args.lr), "--ds_config", args.ds_config]
+        for option in ("seq_len", "micro_batch"):
+            if getattr(args, option) is not None:
+                cmd += [f"--{option}", str(getattr(args, option))]
+        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            sys.exit(
+                f"bench_train: the {kind}:{which} run failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+            )
+        with open(out) as f:
+            return json.load(f)["results"][0]
+
+
+def combine(measured: list[dict]) -> dict:
+    """One run's figures over rounds: medians of the times and rates, the largest peak memory."""
+    out = dict(measured[0])
+    for key in ("tokens_per_s", "step_ms", "forward_ms", "backward_ms", "optimizer_ms"):
+        out[key] = statistics.median(m[key] for m in measured)
+    for key in ("peak_mem_gb", "peak_mem_bytes"):
+        values = [m[key] for m in measured if m[key] is not None]
+        out[key] = max(values) if values else None
+    return out
+
+
 def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(
@@ -259,6 +284,22 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seq_len", type=int, help="Default: the shape's (2048 for 1b).")
     parser.add_argument("--micro_batch", type=int, help="Default: the shape's (4 for 1b).")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1 if cuda else 3,
+        help="Measure every run this many times in turn, the order reversed every other round; a run's "
+        "figures are the medians over rounds and each ratio is the median of the rounds' own ratios (runs "
+        "measured next to each other), so drift and the order of runs cancel. Default: 3 on CPUs, 1 on GPUs.",
+    )
+    parser.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Measure each run in a process of its own, as a training run finds it (this script starts "
+        "one per run and round). Engines built earlier in a process slow the runs after them (on 2 CPUs, "
+        "plain PyTorch by 5-20%%), which --no-isolate (one process, faster to start) leaves in.",
+    )
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument(
         "--ds_config", default=None, help="Default: ds_configs/zero3.json (GPU) / zero3_cpu.json."
@@ -272,54 +313,83 @@ def main(argv=None) -> int:
     shape = dict(SHAPES[args.shape])
     seq_len, micro = args.seq_len or shape["seq_len"], args.micro_batch or shape["micro_batch"]
     config = model_config(shape)
-    env = init_distributed()
-    device = env.device
-    g = torch.Generator().manual_seed(0)
-    batches = [
-        torch.randint(0, config.vocab_size, (micro, seq_len), generator=g).to(device)
-        for _ in range(args.warmup + args.steps)
-    ]
+    from deus_dist.train.run import quiet_known_warnings
+
+    quiet_known_warnings()  # DeepSpeed's deprecated collectives, once per call otherwise
+    device = batches = None
+    if not args.isolate:  # each run's own process does this
+        device = init_distributed().device
+        g = torch.Generator().manual_seed(0)
+        batches = [
+            torch.randint(0, config.vocab_size, (micro, seq_len), generator=g).to(device)
+            for _ in range(args.warmup + args.steps)
+        ]
     name = (
         torch.cuda.get_device_name()
         if cuda
         else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     )
     print(
-        f"device {name}; shape {args.shape}: {shape['base_layers']} -> {config.num_hidden_layers} layers, "
+        f"device {name}; shape {args.shape}: {base_layers(shape)} -> {config.num_hidden_layers} layers, "
         f"d={config.hidden_size}, micro-batch {micro} x {seq_len} tokens; ds_config {args.ds_config}"
     )
     print(
         f"{'run':22} {'trainable':>11} {'tokens/s':>10} {'step ms':>9} {'fwd':>8} {'bwd':>8} {'opt':>8} {'peak GB':>8}"
     )
-    specs = [spec.split(":") for spec in args.runs.split(",")]
+    specs = [tuple(spec.split(":")) for spec in args.runs.split(",")]
     bad = [":".join(s) for s in specs if len(s) != 2 or s[0] not in KINDS or s[1] not in TRAINABLE]
     if bad:
         parser.error(
             f"--runs: {', '.join(bad)}: each run is KIND:TRAINABLE, KIND one of {', '.join(KINDS)}, "
             f"TRAINABLE one of {', '.join(TRAINABLE)}"
         )
-    results = []
-    for kind, which in specs:
-        r = measure(kind, which, args, shape, config, device, batches)
-        results.append(r)
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
+    rounds = []  # per round: run name -> its figures
+    for r in range(args.rounds):
+        order = specs if r % 2 == 0 else specs[::-1]
+        if args.isolate:
+            rounds.append({f"{k}:{w}": measure_isolated(k, w, args) for k, w in order})
+        else:
+            rounds.append({f"{k}:{w}": measure(k, w, args, shape, config, device, batches) for k, w in order})
+        if args.rounds > 1:
+            print(
+                f"round {r + 1}/{args.rounds}: "
+                + ", ".join(f"{n} {x['tokens_per_s']:.0f} tok/s" for n, x in rounds[-1].items()),
+                file=sys.stderr,
+                flush=True,
+            )
+    results = [combine([rd[f"{k}:{w}"] for rd in rounds]) for k, w in specs]
+    for r in results:
         mem = f"{r['peak_mem_gb']:8.1f}" if r["peak_mem_gb"] is not None else f"{'-':>8}"
         print(
             f"{r['run']:22} {r['trainable_params'] / 1e6:10.1f}M {r['tokens_per_s']:10.0f} {r['step_ms']:9.1f} "
             f"{r['forward_ms']:8.1f} {r['backward_ms']:8.1f} {r['optimizer_ms']:8.1f} {mem}",
             flush=True,
         )
-    by = {r["run"]: r["tokens_per_s"] for r in results}
-    ratios = {}
+    pairs = {}
     for kind, which in specs:  # every engine run against plain PyTorch with the same trainable set
-        if kind != "plain" and f"plain:{which}" in by:
-            ratios[f"{kind}:{which} / plain:{which}"] = by[f"{kind}:{which}"] / by[f"plain:{which}"]
-    if "engine:top" in by and "engine:full" in by:
-        ratios["engine:top / engine:full"] = by["engine:top"] / by["engine:full"]
-    for label, ratio in ratios.items():
-        print(f"{label:40} {ratio:.2f}x")
+        if kind != "plain" and ("plain", which) in specs:
+            pairs[f"{kind}:{which} / plain:{which}"] = (f"{kind}:{which}", f"plain:{which}")
+    if ("engine", "top") in specs and ("engine", "full") in specs:
+        pairs["engine:top / engine:full"] = ("engine:top", "engine:full")
+    ratios, per_round = {}, {}
+    for label, (a, b) in pairs.items():
+        per_round[label] = [rd[a]["tokens_per_s"] / rd[b]["tokens_per_s"] for rd in rounds]
+        ratios[label] = statistics.median(per_round[label])
+        spread = f"  (rounds: {', '.join(f'{x:.2f}' for x in per_round[label])})" if args.rounds > 1 else ""
+        print(f"{label:40} {ratios[label]:.2f}x{spread}")
     if args.json:
         with open(args.json, "w") as f:
-            report = {"device": name, "cuda": cuda, "shape": args.shape, "results": results, "ratios": ratios}
+            report = {
+                "device": name,
+                "cuda": cuda,
+                "shape": args.shape,
+                "results": results,
+                "ratios": ratios,
+                "ratios_per_round": per_round,
+                "rounds": rounds,
+            }
             json.dump(report, f, indent=2)
     return 0
 

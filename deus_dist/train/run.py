@@ -28,7 +28,7 @@ STOPPED_BY_SIGNAL = 3
 """Exit status of a run a signal stopped early, after a complete checkpoint (SLURM requeues on it)."""
 
 
-def _quiet_known_warnings() -> None:
+def quiet_known_warnings() -> None:
     """DeepSpeed 0.19 calls collectives torch marks deprecated, and its ZeRO-3 module hooks trip
     torch's full-backward-hook notice on frozen inputs; both repeat on every rank and mean nothing
     to a user of the launchers."""
@@ -62,7 +62,7 @@ def start(cfg: TrainConfig, pipeline: DataPipeline | None = None, log=print) -> 
     """``pipeline``: how --data becomes training rows (default: cpt's data.TextPipeline)."""
     import torch
 
-    _quiet_known_warnings()
+    quiet_known_warnings()
     from deus_dist.train import checkpointing
     from deus_dist.train import setup as run_setup
     from deus_dist.train.cluster import once_per_filesystem, require_shared
