@@ -170,3 +170,23 @@ def test_layers_of_another_kind_are_refused_naming_the_config_field(tmp_path, ca
     assert fuse("--model", base, "--out", tmp_path / "o", "--method", "copy") == 2
     err = capsys.readouterr().err
     assert "mlp_only_layers" in err and "qwen2_moe" in err
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_study_budget_counts_the_experts_a_token_uses(tmp_path, family):
+    """FLOPs count a routed expert by num_experts_per_tok / E, as MFU does; parameter counts keep
+    every expert (all of them train)."""
+    from deus_dist.study.budget import base_shape
+
+    base = make_tiny(tmp_path / "base", family)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = model.config
+    layer = dict(model.model.layers[0].named_parameters())
+    routed = sum(p.numel() for n, p in layer.items() if ".experts." in f".{n}")
+    rest = sum(p.numel() for n, p in layer.items() if ".experts." not in f".{n}")
+    assert routed and rest  # the test has teeth: experts and attention both there
+    experts = next(getattr(config, f) for f in ("num_local_experts", "num_experts") if hasattr(config, f))
+    shape = base_shape(base)
+    assert shape.layer_params[0] == routed + rest
+    assert shape.flop_params[0] == pytest.approx(rest + routed * config.num_experts_per_tok / experts)
+    assert config.num_experts_per_tok < experts

@@ -118,6 +118,17 @@ class Architecture:
                 out.setdefault(role.expert, {})[role.template] = suffix
         return dict(sorted(out.items()))
 
+    def routed_share(self, config: dict) -> float:
+        """The share of a routed expert's tensors one token uses: ``num_experts_per_tok`` of the
+        layer's experts (1 without experts). FLOPs count a routed expert tensor by this share."""
+        experts = len(self.experts())
+        return config.get("num_experts_per_tok", experts) / experts if experts else 1.0
+
+    def is_routed(self, suffix: str) -> bool:
+        """Whether a layer tensor (its name after the layer prefix) belongs to a routed expert."""
+        role = self.block.get(suffix)
+        return role is not None and role.expert is not None
+
     def for_config(self, config: dict, option: str = "--model") -> Architecture:
         """The description with its ``{expert}`` keys expanded for ``config``; a UserError if the
         config contradicts ``requires`` or lacks the expert count."""

@@ -6,7 +6,8 @@ Per stage s of an arm, one optimizer step costs
 - ``flops``: T_s * F_s, with F_s the matmul FLOPs per trained token of the stage's model
   (``deus_dist.flops.flops_per_token``: the forward through every layer and the head,
   attention halved for the causal mask; the backward's input gradients from the lowest trainable
-  layer up; weight gradients of the trainable parameters only);
+  layer up; weight gradients of the trainable parameters only; a routed expert's tensors count
+  ``num_experts_per_tok / E``, the share a token goes through, as MFU counts them);
 - ``seconds``: the stage's measured seconds per step (a short timed run, once per stage, kept).
 
 The budget B is the baseline's sum over its stages of nominal_steps * cost. Every arm gets
@@ -35,6 +36,13 @@ class Shape:
     embed_params: int
     total_params: int
     """Every tensor of the checkpoint (tied weights once)."""
+    used_layer_params: list[float] | None = None
+    """Per layer, the parameters one token goes through (what FLOPs count): a routed expert's
+    tensors by ``num_experts_per_tok / E`` (``Architecture.routed_share``); None: ``layer_params``."""
+
+    @property
+    def flop_params(self) -> list[float]:
+        return self.used_layer_params if self.used_layer_params is not None else self.layer_params
 
 
 @dataclass
@@ -100,17 +108,24 @@ def base_shape(base_dir: Path) -> Shape:
     with CheckpointReader(base_dir) as reader:
         cfg, tensors = reader.config, reader.tensors
         arch = architecture_for(cfg)
-        layer = sum(
-            math.prod(info.shape) for n, info in tensors.items() if (s := arch.split_name(n)) and s[0] == 0
-        )
+        first = {
+            s[1]: math.prod(info.shape)
+            for n, info in tensors.items()
+            if (s := arch.split_name(n)) and s[0] == 0
+        }
+        layer = sum(first.values())
+        share = arch.routed_share(cfg)
+        used = sum(n * (share if arch.is_routed(suffix) else 1.0) for suffix, n in first.items())
         embed = sum(math.prod(tensors[n].shape) for n in arch.embeddings if n in tensors)
         total = sum(math.prod(info.shape) for info in tensors.values())
+    layers = arch.config_value(cfg, "num_hidden_layers")
     return Shape(
-        [layer] * arch.config_value(cfg, "num_hidden_layers"),
+        [layer] * layers,
         arch.config_value(cfg, "vocab_size") * arch.config_value(cfg, "hidden_size"),
         arch.config_value(cfg, "hidden_size"),
         embed,
         total,
+        used_layer_params=[used] * layers,
     )
 
 
@@ -131,7 +146,7 @@ def plan_arm(study: Study, arm: Arm, shape: Shape, ranks: int, cuda: bool) -> Ar
 
     out = ArmPlan(arm.name)
     layers = len(shape.layer_params)
-    per_layer = shape.layer_params[0]
+    per_layer = shape.flop_params[0]  # what a token goes through: FLOPs, not parameter counts
     defaults = device_defaults(cuda)
     for i, stage in enumerate(arm.stages):
         fuse_cfg = FuseConfig(**stage.fuse)

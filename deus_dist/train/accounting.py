@@ -32,19 +32,19 @@ def layer_param_counts(setup: TrainSetup, model) -> tuple[list[float], list[floa
 
 
 def _routed_share(setup: TrainSetup, model) -> dict[str, float]:
-    """Parameter name -> the share of it one token uses, for parameters holding routed experts."""
-    experts = len(setup.arch.experts())
-    if not experts:
+    """Parameter name -> the share of it one token uses, for parameters holding routed experts
+    (``Architecture.routed_share``; a parameter may stack several on-disk tensors)."""
+    arch = setup.arch
+    if not arch.experts():
         return {}
     from deus_dist.checkpoint.layout import disk_names
 
-    top_k = setup.model_config.get("num_experts_per_tok", experts)
+    share = arch.routed_share(setup.model_config)
     out = {}
     for name, sources in disk_names(model).items():
-        splits = [setup.arch.split_name(s) for s in sources]
-        roles = [setup.arch.block.get(split[1]) if split else None for split in splits]
-        if roles and all(r is not None and r.expert is not None for r in roles):
-            out[name] = top_k / experts
+        splits = [arch.split_name(s) for s in sources]
+        if splits and all(split is not None and arch.is_routed(split[1]) for split in splits):
+            out[name] = share
     return out
 
 
