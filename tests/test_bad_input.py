@@ -57,6 +57,15 @@ def test_truncated_shard(tmp_path, capsys):
     assert leftovers(tmp_path) == []
 
 
+def test_gpt2_attention_scaled_by_layer_index_is_refused(tmp_path, capsys):
+    """GPT-2's scale_attn_by_inverse_layer_idx ties each layer's function to its index: inserting
+    layers would change the layers above, so the up-scaled model would not compute the base's."""
+    base = make_tiny(tmp_path / "base", "gpt2", scale_attn_by_inverse_layer_idx=True)
+    err = error_of(capsys, "--model", base, "--out", tmp_path / "out", "--method", "llama-pro")
+    assert "scale_attn_by_inverse_layer_idx=True" in err and "1/(its index + 1)" in err
+    assert leftovers(tmp_path) == []
+
+
 def test_corrupt_header(tmp_path, capsys):
     base = make_tiny(tmp_path / "base")
     (base / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")

@@ -18,7 +18,7 @@ Beyond the Llama block, a description can say:
   ``expert_count`` names the config fields that may hold the number of experts, and
   :func:`architecture_for` expands the keys for the checkpoint's config (each expanded role knows
   its ``expert`` and ``template``); ``requires`` lists config values the description assumes (a
-  checkpoint whose config says otherwise is refused, naming the field).
+  checkpoint whose config says otherwise is refused, naming the field; ``requires_why`` says why).
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ class Architecture:
     """Config fields that may hold the number of routed experts (the first present is used)."""
     requires: dict = field(default_factory=dict)
     """Config values the description assumes (absent fields take transformers' default)."""
+    requires_why: dict = field(default_factory=dict)
+    """Why, per ``requires`` field, for the refusal (default: every decoder layer of one kind)."""
     config_names: dict[str, str] = field(default_factory=dict)
     """This family's config.json key for a standard field (GPT-2: ``num_hidden_layers`` is
     ``n_layer``), as the config class's ``attribute_map`` says."""
@@ -134,7 +136,7 @@ class Architecture:
         config contradicts ``requires`` or lacks the expert count."""
         problems = [
             f"{option}: config.json has {name}={config[name]!r}; the {self.family} description "
-            f"supports only {name}={want!r} (every decoder layer of the same kind)"
+            f"supports only {name}={want!r} ({self.requires_why.get(name, 'every decoder layer of the same kind')})"
             for name, want in self.requires.items()
             if name in config and config[name] != want
         ]
@@ -200,6 +202,7 @@ def all_architectures() -> tuple[Architecture, ...]:
                 layer_prefix_counts=tuple(raw.get("layer_prefix_counts", ())),
                 expert_count=tuple(raw.get("expert_count", ())),
                 requires=raw.get("requires", {}),
+                requires_why=raw.get("requires_why", {}),
                 config_names=dict(raw.get("config_names", {})),
                 layer_type_list=raw.get("layer_type_list"),
                 layer_index_lists=tuple(raw.get("layer_index_lists", ())),
