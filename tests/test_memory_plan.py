@@ -261,3 +261,22 @@ def test_cpt_with_ds_config_auto_picks_a_cpu_config_and_trains(train_setup):
     expected = plan_choice(shape_from_config(config, new), run, zero1).peak / 1e9
     assert [r["planned_memory_gb"] for r in records] == pytest.approx([expected, expected])
     assert "memory plan (zero1): " in proc.stdout
+
+
+def test_shape_from_config_inside_a_live_zero3_context():
+    """A training run plans its memory while transformers holds its ZeRO-3 config (which would make
+    from_config partition the model with collectives): the meta model is built outside it."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    config = {"model_type": "llama", **SPEC["config"]}
+    outside = shape_from_config(config, SPEC["new_layers"])
+    live = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        inside = shape_from_config(config, SPEC["new_layers"])
+        assert is_deepspeed_zero3_enabled()  # the run's context is back
+    finally:
+        unset_hf_deepspeed_config()
+    del live
+    assert inside == outside

@@ -59,12 +59,22 @@ def parameters_holding(model, chosen: Iterable[str], option: str = "--trainable"
 
 
 def meta_model(model_dir):
-    """The transformers model of a checkpoint's config, with no memory (meta tensors).
+    """The transformers model of a checkpoint's config, with no memory (``meta_model_from_config``)."""
+    from transformers import AutoConfig
+
+    from deus_dist.hf_logging import quiet_transformers
+
+    with quiet_transformers():
+        return meta_model_from_config(AutoConfig.from_pretrained(model_dir))
+
+
+def meta_model_from_config(config):
+    """The transformers model of ``config`` (a ``PretrainedConfig``), with no memory (meta tensors).
 
     Built outside any live ZeRO-3 context (a training run's HfDeepSpeedConfig): there
     ``from_config`` would partition the parameters with collectives, and rank 0 exporting alone
     would wait for the other ranks forever."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.integrations import deepspeed as hf_deepspeed
 
     from deus_dist.hf_logging import quiet_transformers
@@ -73,10 +83,8 @@ def meta_model(model_dir):
     live = ref() if ref is not None else None
     hf_deepspeed.unset_hf_deepspeed_config()
     try:
-        with quiet_transformers():
-            config = AutoConfig.from_pretrained(model_dir)
-            with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(config)
+        with quiet_transformers(), torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
     finally:
         if live is not None:
             hf_deepspeed.set_hf_deepspeed_config(live)

@@ -198,15 +198,14 @@ def shape_from_config(
     """Exact parameter counts from the transformers model of ``config`` built on the meta device
     (no memory, any family transformers knows), split by the layers that train: ``new_layers``
     (or every layer with ``trainable="all"``), or exactly the parameters in ``trainable_names``."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from deus_dist.architectures import architecture_for
+    from deus_dist.checkpoint.layout import meta_model_from_config
 
     arch = architecture_for(config)
     cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("architectures",)})
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+    model = meta_model_from_config(cfg)  # outside a live ZeRO-3 context too
     n = cfg.num_hidden_layers
     layer, train, small = [0] * n, [0] * n, [0] * n
     other = other_train = 0

@@ -81,7 +81,6 @@ def start(cfg: TrainConfig, pipeline: DataPipeline | None = None, log=print) -> 
         pipeline = TextPipeline()
     setup = run_setup.validate(cfg, env.world_size, cuda, pipeline, log=say)
     cfg = setup.cfg
-    # before the engine: its HfDeepSpeedConfig would make the planner's meta model a ZeRO-3 one
     planned = run_setup.planned_memory(setup, "GPU" if cuda else "rank", say)
     data = run_setup.load_data(setup, env, log=say)
     if len(data.eval) < env.world_size:
