@@ -112,6 +112,25 @@ def test_trainable_sets(up):
         trainable_names(names, "new", arch, None, False)
 
 
+def test_gpt_neox_train_embeddings_reach_the_model_head(tmp_path):
+    """GPT-NeoX checkpoints name the output head embed_out; transformers' model calls it lm_head:
+    --train_embeddings picks the on-disk names, and the parameters holding them are the model's."""
+    from transformers import AutoModelForCausalLM
+
+    from deus_dist.checkpoint import CheckpointReader
+    from deus_dist.checkpoint.layout import parameters_holding
+
+    base = make_tiny(tmp_path / "base", "gpt_neox")
+    with CheckpointReader(base) as r:
+        names, arch = list(r.tensors), architecture_for(r.config)
+    chosen = trainable_names(names, "new", arch, {"new_layers": [1]}, True)
+    assert {"embed_out.weight", "gpt_neox.embed_in.weight"} <= set(chosen)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    params = parameters_holding(model, chosen)
+    assert {"lm_head.weight", "gpt_neox.embed_in.weight"} <= set(params)
+    assert {arch.split_name(n)[0] for n in params if arch.split_name(n)} == {1}
+
+
 def test_packing_order_and_held_out_split(tmp_path, up):
     data = write_wiki_jsonl(tmp_path / "d.jsonl", articles=6, chars=2000)
     kw = dict(
