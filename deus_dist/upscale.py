@@ -33,6 +33,7 @@ from deus_dist.checkpoint.hf_config import (
     rewrite_config,
 )
 from deus_dist.checkpoint.hub import resolve_model_path
+from deus_dist.checkpoint.layout import read_as_loaded
 from deus_dist.checkpoint.manifest import build_manifest, read_manifest, write_manifest
 from deus_dist.checkpoint.writer import parse_size
 from deus_dist.configs import FuseConfig
@@ -182,6 +183,8 @@ def validate(cfg: FuseConfig, world: int = 1) -> Job:
     if reader is None or method is None:
         raise UserError(problems.items)
     arch = attempt(lambda: architecture_for(reader.config))
+    if arch is not None:  # a base-model checkpoint's names, mask buffers: as transformers loads them
+        attempt(lambda: read_as_loaded(reader))
     layers_key = arch.config_key("num_hidden_layers") if arch else "num_hidden_layers"
     num_layers = reader.config.get(layers_key)
     if not isinstance(num_layers, int) or num_layers < 1:
@@ -274,7 +277,14 @@ def block_maker(job: Job):
     if w.count == 1:
         return InProcess(job.method, job.reader, job.arch, job.tasks, torch.device(w.devices[0]))
     return ProcessPool(
-        job.method, job.model_dir, job.reader.option, job.arch, job.tasks, w.devices, w.threads
+        job.method,
+        job.model_dir,
+        job.reader.option,
+        job.arch,
+        job.tasks,
+        w.devices,
+        w.threads,
+        names=(job.reader.renamed, job.reader.dropped),
     )
 
 
@@ -357,6 +367,18 @@ def _announce(job: Job, say) -> None:
         f"{job.method.name}: {job.model_dir} ({job.arch.family}, {plan.num_layers_before} layers) -> "
         f"{job.out} ({plan.num_layers_after} layers, new at {plan.new_layers})"
     )
+    reader = job.reader
+    if reader.renamed:
+        prefix = next(iter(reader.renamed.values())).removesuffix(next(iter(reader.renamed)))
+        say(
+            f"  {len(reader.renamed)} tensors are stored without the model's {prefix!r} prefix (a base-model "
+            "checkpoint): read, and written, under the names transformers loads them as"
+        )
+    if reader.dropped:
+        say(
+            f"  left out {len(reader.dropped)} tensors transformers ignores on load (e.g. {reader.dropped[0]}: "
+            "causal-mask and rotary buffers the model rebuilds)"
+        )
     if not job.tasks:
         return
     where = (

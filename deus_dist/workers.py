@@ -103,13 +103,16 @@ def _next_task(todo, parent: int):
                 return None
 
 
-def _worker(rank, parent, model_dir, option, arch, method, device, threads, todo, done):
-    """A worker process: make blocks for the tasks it is handed until it is handed None."""
+def _worker(rank, parent, model_dir, option, names, arch, method, device, threads, todo, done):
+    """A worker process: make blocks for the tasks it is handed until it is handed None; ``names``:
+    the writer's reader's (renamed, dropped), so both read the checkpoint under the same names."""
     torch.set_num_threads(threads)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     try:
         with CheckpointReader(model_dir, option) as reader:
+            if names[0] or names[1]:
+                reader.adopt_names(*names)
             while (task := _next_task(todo, parent)) is not None:
                 block, report = make_block(method, reader, arch, task, torch.device(device))
                 done.put((task.index, block, report, None))
@@ -121,7 +124,17 @@ def _worker(rank, parent, model_dir, option, arch, method, device, threads, todo
 class ProcessPool:
     """N worker processes; the writer takes their blocks in plan order."""
 
-    def __init__(self, method, model_dir, option, arch, tasks: list[Task], devices: list[str], threads: int):
+    def __init__(
+        self,
+        method,
+        model_dir,
+        option,
+        arch,
+        tasks: list[Task],
+        devices: list[str],
+        threads: int,
+        names: tuple[dict, list] = ({}, []),
+    ):
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")  # a fork would copy OpenMP's threads in a broken state
@@ -135,6 +148,7 @@ class ProcessPool:
                     os.getpid(),
                     str(model_dir),
                     option,
+                    names,
                     arch,
                     method,
                     dev,

@@ -281,3 +281,48 @@ def test_outputs_are_flushed_to_disk_before_they_are_renamed_into_place(tmp_path
     build_once(tmp_path / "cache", lambda d: (d / "data.bin").write_bytes(b"x" * 10))
     (publish,) = [i for i, (op, _) in enumerate(log) if op == "rename"]
     assert any(op == "fsync" and path.endswith("data.bin") for op, path in log[:publish])
+
+
+def saved_the_old_way(path: Path, family: str) -> Path:
+    """A tiny checkpoint stored as older hub checkpoints are: GPT-2 as openai-community/gpt2 (saved
+    from the base model, so without the ``transformer.`` prefix, with each layer's causal-mask
+    buffer ``attn.bias``); GPT-NeoX as early Pythia (mask buffers and a per-layer
+    ``rotary_emb.inv_freq``). transformers loads both with no missing or unexpected keys."""
+    from safetensors.torch import load_file, save_file
+
+    make_tiny(path, family)
+    cfg = AutoConfig.from_pretrained(path)
+    n, ctx = cfg.num_hidden_layers, cfg.max_position_embeddings
+    mask = torch.tril(torch.ones(ctx, ctx, dtype=torch.bool)).view(1, 1, ctx, ctx)
+    stored = load_file(path / "model.safetensors")
+    if family == "gpt2":
+        stored = {k.removeprefix("transformer."): v for k, v in stored.items()}
+        stored |= {f"h.{i}.attn.bias": mask.clone() for i in range(n)}
+    else:
+        for i in range(n):
+            stored[f"gpt_neox.layers.{i}.attention.bias"] = mask.clone()
+            stored[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
+            stored[f"gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"] = torch.ones(4)
+    save_file(stored, path / "model.safetensors", metadata={"format": "pt"})
+    _, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return path
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+@pytest.mark.parametrize("method", ["llama-pro", "opt-deus"])
+def test_checkpoints_stored_the_old_way_read_as_transformers_loads_them(tmp_path, capsys, family, method):
+    """Names without the base-model prefix get it; buffers transformers ignores on load are left
+    out; the output is as save_pretrained writes it (also through worker processes)."""
+    base = saved_the_old_way(tmp_path / "base", family)
+    out = tmp_path / "out"
+    workers = ["--workers", "2"] if method == "opt-deus" else []
+    capsys.readouterr()
+    assert fuse("--model", base, "--out", out, "--method", method, *workers) == 0
+    said = capsys.readouterr().out
+    assert "left out" in said and ("'transformer.' prefix" in said) == (family == "gpt2")
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    written = set(state_dict(out))
+    assert written == set(model.state_dict()) - {"lm_head.weight"} | ({"embed_out.weight"} & written)
+    assert not any(n.endswith((".attn.bias", "attention.bias", "masked_bias", "inv_freq")) for n in written)

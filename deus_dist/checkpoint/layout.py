@@ -90,6 +90,53 @@ def meta_model_from_config(config):
             hf_deepspeed.set_hf_deepspeed_config(live)
 
 
+def names_as_loaded(model_dir, names: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """How ``from_pretrained`` reads a checkpoint's tensor names, for one saved another way than
+    ``save_pretrained`` writes: (stored -> loaded name for those that differ, stored names it
+    ignores). Two cases, both as transformers 5 loads them (``modeling_utils``):
+
+    - a base-model checkpoint, whose names lack the task model's ``base_model_prefix``
+      (openai-community/gpt2 stores ``h.0.attn.c_attn.weight`` for ``transformer.h.0...``): the
+      prefix is added;
+    - tensors the model ignores on load (``_keys_to_ignore_on_load_unexpected`` of the model and its
+      modules, such as GPT-2's and GPT-NeoX's causal-mask buffers ``attn.bias``, and the per-layer
+      ``rotary_emb.inv_freq`` of older checkpoints, by ``_adjust_missing_and_unexpected_keys``).
+
+    Any other unknown name is kept as it is (the block description judges it)."""
+    from transformers.utils.loading_report import LoadStateDictInfo
+
+    model = meta_model(model_dir)
+    expected = set(on_disk_state_dict(model))
+    prefix = f"{model.base_model_prefix}." if model.base_model_prefix else None
+    renamed, unknown = {}, set()
+    for name in names:
+        if name in expected:
+            continue
+        if prefix and prefix + name in expected:
+            renamed[name] = prefix + name
+        else:
+            unknown.add(name)
+    info = LoadStateDictInfo(
+        missing_keys=set(),
+        unexpected_keys=set(unknown),
+        mismatched_keys=set(),
+        error_msgs=[],
+        conversion_errors={},
+        skipped_pp_keys=set(),
+    )
+    model._adjust_missing_and_unexpected_keys(info)  # drops what the model ignores on load
+    return renamed, sorted(unknown - info.unexpected_keys)
+
+
+def read_as_loaded(reader):
+    """``reader`` (a CheckpointReader of a model directory) presenting its tensors under the names
+    transformers loads them as (``names_as_loaded``); returned for chaining."""
+    renamed, dropped = names_as_loaded(reader.path, reader.tensors)
+    if renamed or dropped:
+        reader.adopt_names(renamed, dropped)
+    return reader
+
+
 def to_disk_layout(model_dir, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Parameters keyed by the model's names (a training checkpoint's) as the on-disk tensors of the
     checkpoint in ``model_dir``: stacked experts split back into one tensor per expert."""

@@ -47,6 +47,10 @@ class CheckpointReader:
         self.tensors: dict[str, TensorInfo] = {}
         self._files: dict[Path, object] = {}
         self._lock = threading.Lock()
+        self.renamed: dict[str, str] = {}
+        """Stored name -> the name the tensors are presented under (``adopt_names``)."""
+        self.dropped: list[str] = []
+        """Stored tensors left out (``adopt_names``)."""
         for shard, names in self._weight_map().items():
             self._scan_shard(shard, names)
 
@@ -114,6 +118,13 @@ class CheckpointReader:
         missing = sorted((names or set()) - header.keys())
         if missing:
             raise CheckpointError(f"{where} lacks {len(missing)} tensors the index lists, e.g. {missing[0]}")
+
+    def adopt_names(self, renamed: dict[str, str], dropped) -> None:
+        """Present the tensors under the names transformers loads them as: ``renamed`` maps a
+        stored name to its loaded name, ``dropped`` are left out (``layout.read_as_loaded``)."""
+        dropped = set(dropped)
+        self.tensors = {renamed.get(n, n): info for n, info in self.tensors.items() if n not in dropped}
+        self.renamed, self.dropped = dict(renamed), sorted(dropped)
 
     # -- reading --------------------------------------------------------------------------------
 

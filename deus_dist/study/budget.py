@@ -104,10 +104,12 @@ def base_shape(base_dir: Path) -> Shape:
     has layer 0's shapes (new blocks are made from layers of the same shapes)."""
     from deus_dist.architectures import architecture_for
     from deus_dist.checkpoint import CheckpointReader
+    from deus_dist.checkpoint.layout import read_as_loaded
 
     with CheckpointReader(base_dir) as reader:
-        cfg, tensors = reader.config, reader.tensors
+        cfg = reader.config
         arch = architecture_for(cfg)
+        tensors = read_as_loaded(reader).tensors  # no mask buffers, transformers' names
         first = {
             s[1]: math.prod(info.shape)
             for n, info in tensors.items()

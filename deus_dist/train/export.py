@@ -23,7 +23,7 @@ from deus_dist.checkpoint import (
     TensorSpec,
     copy_aux_files,
 )
-from deus_dist.checkpoint.layout import to_disk_layout
+from deus_dist.checkpoint.layout import read_as_loaded, to_disk_layout
 from deus_dist.checkpoint.manifest import MANIFEST_NAME
 from deus_dist.checkpoint.writer import parse_size
 from deus_dist.errors import CheckpointError, Problems, UserError
@@ -85,6 +85,7 @@ def export_checkpoint(
     # export hold the on-disk tensors
     trained = to_disk_layout(base_dir, trained_tensors(found))
     with CheckpointReader(base_dir, option="--base") as reader:
+        read_as_loaded(reader)  # the names training used (the trained tensors carry them)
         tied = reader.config.get("tie_word_embeddings", False)
         extra = sorted(n for n in trained if n not in reader.tensors and not (tied and n == "lm_head.weight"))
         if extra:

@@ -21,6 +21,7 @@ import torch
 from deus_dist.architectures import Architecture, architecture_for
 from deus_dist.checkpoint import CheckpointReader
 from deus_dist.checkpoint.hub import context_problems, is_hub_name, resolve_model_path
+from deus_dist.checkpoint.layout import read_as_loaded
 from deus_dist.checkpoint.manifest import read_manifest
 from deus_dist.configs import FuseConfig, TrainConfig, device_defaults, global_batch
 from deus_dist.errors import Problems, UserError
@@ -161,9 +162,12 @@ def validate(cfg: TrainConfig, world_size: int, cuda: bool, pipeline: DataPipeli
         attempt(lambda: pipeline.check_sources(cfg))  # report data problems too
         raise UserError(problems.items)
     with reader:
-        config, names = reader.config, list(reader.tensors)
+        config = reader.config
+        arch = attempt(lambda: architecture_for(config))
+        if arch is not None:  # names as transformers loads them (train/model.py selects by them)
+            attempt(lambda: read_as_loaded(reader))
+        names = list(reader.tensors)
     data = attempt(lambda: pipeline.spec(cfg, model_dir))
-    arch = attempt(lambda: architecture_for(config))
     manifest = attempt(lambda: read_manifest(model_dir))
     problems.items += context_problems(model_dir, cfg.seq_len)
     if arch is not None and arch.experts() and not cfg.zero3_leaf_layers:
