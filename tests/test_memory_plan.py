@@ -215,7 +215,7 @@ def auto(config: dict, memory: float, cuda: bool, world: int = 8, **kw):
     run = (
         dict(seq_len=2048, micro_batch=4, grad_accum=8, precision="bf16", activation_checkpointing=True) | kw
     )
-    return auto_ds_config(config, names, world, cuda=cuda, memory_gib=memory, **run)
+    return auto_ds_config(config, names, RunShape(gpus_per_node=world, **run), cuda=cuda, memory_gib=memory)
 
 
 def test_auto_keeps_zero3_when_the_frozen_weights_do_not_fit_one_gpu():

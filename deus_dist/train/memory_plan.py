@@ -632,53 +632,21 @@ def sharding_of(ds: dict, config: str | None = None) -> Sharding:
     )
 
 
-def _run_shape(config: dict, trainable: set[str], world_size: int, **run) -> tuple[ModelShape, RunShape]:
-    """The planner's view of one launch: the model with exactly ``trainable`` training, on
-    ``world_size`` ranks of one node."""
-    return shape_from_config(config, [], trainable_names=set(trainable)), RunShape(
-        gpus_per_node=world_size, nodes=1, **run
-    )
-
-
-def plan_run(
-    config: dict,
-    trainable: set[str],
-    world_size: int,
-    ds: dict,
-    *,
-    seq_len: int,
-    micro_batch: int,
-    grad_accum: int,
-    precision: str,
-    activation_checkpointing: bool,
-) -> ChoicePlan:
-    """The planned per-device bytes of a training run as launched: its model, its trainable
-    tensors and its resolved DeepSpeed config (what metrics.jsonl records beside the measured peak)."""
+def plan_run(config: dict, trainable: set[str], run: RunShape, ds: dict) -> ChoicePlan:
+    """The planned per-device bytes of a training run as launched: its model, exactly its
+    ``trainable`` tensors, and its resolved DeepSpeed config (what metrics.jsonl records beside the
+    measured peak)."""
     if int(ds.get("zero_optimization", {}).get("stage", 0)) not in (1, 2, 3):
         raise UserError("--ds_config: the memory planner sizes ZeRO stages 1, 2 and 3 only")
-    shape, run = _run_shape(
-        config,
-        trainable,
-        world_size,
-        seq_len=seq_len,
-        micro_batch=micro_batch,
-        grad_accum=grad_accum,
-        precision=precision,
-        activation_checkpointing=activation_checkpointing,
-    )
+    shape = shape_from_config(config, [], trainable_names=set(trainable))
     return plan_choice(shape, run, sharding_of(ds))
 
 
 def auto_ds_config(
     config: dict,
     trainable: set[str],
-    world_size: int,
+    run: RunShape,
     *,
-    seq_len: int,
-    micro_batch: int,
-    grad_accum: int,
-    precision: str,
-    activation_checkpointing: bool,
     cuda: bool,
     memory_gib: float | None = None,
     headroom: float = 0.1,
@@ -702,17 +670,8 @@ def auto_ds_config(
         else:
             import psutil
 
-            memory_gib = psutil.virtual_memory().total / GiB / world_size
-    shape, run = _run_shape(
-        config,
-        trainable,
-        world_size,
-        seq_len=seq_len,
-        micro_batch=micro_batch,
-        grad_accum=grad_accum,
-        precision=precision,
-        activation_checkpointing=activation_checkpointing,
-    )
+            memory_gib = psutil.virtual_memory().total / GiB / run.world
+    shape = shape_from_config(config, [], trainable_names=set(trainable))
     plan = make_plan(shape, run, gpu_memory_gib=memory_gib, headroom=headroom, cuda=cuda)
     # offload moves nothing on a CPU: not a CPU choice
     plan.choices = [
@@ -720,7 +679,7 @@ def auto_ds_config(
     ]
     fitting = [c for c in plan.choices if c.fits]
     plan.recommended = min(fitting, key=lambda c: SPEED_ORDER.index(c.name)).name if fitting else None
-    where = "GPU" if cuda else f"rank (this machine's memory over {world_size} rank(s))"
+    where = "GPU" if cuda else f"rank (this machine's memory over {run.world} rank(s))"
     if plan.recommended is None:
         best = min(plan.choices, key=lambda c: c.peak)
         budget = memory_gib * (1 - headroom)

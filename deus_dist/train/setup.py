@@ -261,17 +261,28 @@ def _planned_ds_config(
     path, why = auto_ds_config(
         config,
         set(trainable),
-        world_size,
-        seq_len=cfg.seq_len,
-        micro_batch=cfg.micro_batch,
-        grad_accum=cfg.grad_accum,
-        precision="bf16" if bf16 else "fp32",
-        activation_checkpointing=cfg.activation_checkpointing,
+        run_shape(cfg, world_size, "bf16" if bf16 else "fp32"),
         cuda=cuda,
         zero3=checkpointing.partitioned_model_states(resume_from) if resume_from else None,
     )
     notes.append(why)
     return load_ds_config(path)
+
+
+def run_shape(cfg: TrainConfig, world_size: int, precision: str):
+    """What the memory planner (train/memory_plan.py) sizes of a launch: one node of
+    ``world_size`` ranks with these options."""
+    from deus_dist.train.memory_plan import RunShape
+
+    return RunShape(
+        gpus_per_node=world_size,
+        nodes=1,
+        seq_len=cfg.seq_len,
+        micro_batch=cfg.micro_batch,
+        grad_accum=cfg.grad_accum,
+        precision=precision,
+        activation_checkpointing=cfg.activation_checkpointing,
+    )
 
 
 def planned_memory(setup: TrainSetup, device: str, log=print):
@@ -280,19 +291,9 @@ def planned_memory(setup: TrainSetup, device: str, log=print):
     its peak beside the measured one. None, with the reason logged, for a config it does not size."""
     from deus_dist.train.memory_plan import PART_LABELS, GiB, plan_run
 
-    cfg = setup.cfg
     try:
-        plan = plan_run(
-            setup.model_config,
-            set(setup.trainable),
-            setup.world_size,
-            setup.ds_config,
-            seq_len=cfg.seq_len,
-            micro_batch=cfg.micro_batch,
-            grad_accum=cfg.grad_accum,
-            precision=setup.precision,
-            activation_checkpointing=cfg.activation_checkpointing,
-        )
+        run = run_shape(setup.cfg, setup.world_size, setup.precision)
+        plan = plan_run(setup.model_config, set(setup.trainable), run, setup.ds_config)
     except UserError as e:
         log(f"memory plan: none ({e})")
         return None
