@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, launch_cmd, launch_env
+from conftest import FAMILIES, HYBRID, MOE_FAMILIES, REPO, launch_cmd, launch_env
 from deus_dist.cli.plan_memory import PlanMemoryConfig, build, main
 from deus_dist.train.memory_plan import GiB, RunShape, plan_choice, shape_from_config, shardings
 
@@ -280,3 +280,22 @@ def test_shape_from_config_inside_a_live_zero3_context():
         unset_hf_deepspeed_config()
     del live
     assert inside == outside
+
+
+@pytest.mark.parametrize("family", FAMILIES + MOE_FAMILIES + [HYBRID])
+def test_every_family_is_sized(family):
+    """Every training run plans its memory, so the planner reads every family's config (GPT-2 names
+    its MLP width n_inner) and counts exactly the model's parameters, split by what trains."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    config = tiny_config(family)
+    model = AutoModelForCausalLM.from_config(config)
+    layers = model.get_decoder().layers if hasattr(model.get_decoder(), "layers") else model.get_decoder().h
+    shape = shape_from_config(config.to_dict(), [1])
+    assert shape.total == sum(p.numel() for p in model.parameters())
+    assert shape.trainable == sum(p.numel() for p in layers[1].parameters())
+    assert shape.intermediate > shape.hidden > 0
+    run = RunShape(gpus_per_node=2, seq_len=64, micro_batch=2)
+    assert all(plan_choice(shape, run, sh).peak > 0 for sh in shardings(cuda=False))

@@ -240,7 +240,8 @@ def shape_from_config(
     return ModelShape(
         num_layers=n,
         hidden=cfg.hidden_size,
-        intermediate=cfg.intermediate_size,
+        # GPT-2 calls it n_inner, None meaning 4 x n_embd (GPT2Config)
+        intermediate=arch.config_value(config, "intermediate_size") or 4 * cfg.hidden_size,
         heads=heads,
         kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
