@@ -60,7 +60,10 @@ def measured(tmp_path_factory):
     script = REPO / "tests" / "helpers" / "measure_memory.py"
     cmd = launch_cmd([out, spec], "torchrun", 2, script=script)
     proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # the head too: a rank's own words come before torchrun's summary of who failed
+    assert proc.returncode == 0, (
+        f"wrote {out.name}: {out.is_file()}\n" + proc.stderr[:3000] + proc.stderr[-2000:]
+    )
     ranks = json.loads(out.read_text())
     assert len(ranks) == 2
     return ranks
