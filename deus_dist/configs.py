@@ -54,9 +54,10 @@ class FuseConfig:
     """Which gaps get the new blocks. Default: the method's (top for opt-deus/avg/copy/lesa,
     interleaved for llama-pro). Not used by solar. opt-deus keeps the paper's top half: the
     default study (README, tools/study.py; 135M, 3 seeds) found interleaved blocks better only
-    in-domain (0.017 nats), and no different on the three other domains, where OpT-DeUS beat
-    LLaMA Pro at either placement; top trains fastest and needs the least activation memory.
-    interleaved follows the in-domain result."""
+    in-domain (0.017 nats) and no different on the three other domains; top trains fastest and
+    needs the least activation memory. interleaved follows the in-domain result (and there
+    OpT-DeUS beat LLaMA Pro out of domain; at the top the two tied or LLaMA Pro was slightly
+    ahead)."""
     positions: list[int] | None = None
     """Explicit gaps K1,K2,...: one new block between base layers K and K+1 for each K
     (for copy methods K may be the last layer: a block after it). Overrides --placement."""
