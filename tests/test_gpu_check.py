@@ -52,7 +52,8 @@ def test_cpu_dry_run_runs_every_step(tmp_path):
     runs = {r["run"] for r in report["bench"]["results"]}
     assert {"plain:top", "engine:top", "engine-z2:top", "engine-z1:top"} <= runs
     assert {r["run"] for r in report["plan_vs_peak"]} >= {"engine:top", "engine-z2:top", "engine-z1:top"}
-    assert "needs a GPU" in report["zeropp"]["skipped"]  # DeepSpeed's quantizer is CUDA-only
+    # DeepSpeed's quantizer is CUDA-only: here the comparison's code runs with ZeRO++ off on both sides
+    assert report["zeropp"]["quantized"] is False and report["zeropp"]["max_abs_logit_change"] == 0
     table = (tmp_path / "out" / "gpu_check.txt").read_text()
     assert "cpt_resume_equals_uninterrupted" in table and "plan vs peak" in table
 

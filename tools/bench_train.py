@@ -190,9 +190,12 @@ def measure(kind, which, args, shape, config, device, batches) -> dict:
     from deus_dist.resources import DS_CONFIGS
 
     prefixes = trainable_set(config, shape, which)
+    held_before = 0
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        # what earlier runs in this process still hold (--no-isolate) is not this run's peak
+        held_before = torch.cuda.memory_allocated()
     # ZeRO-3's loader replaces F.linear for the rest of the process (deepspeed/runtime/zero/linear.py);
     # each run gets the process as a run of its own would find it
     linear = torch.nn.functional.linear
@@ -217,6 +220,7 @@ def measure(kind, which, args, shape, config, device, batches) -> dict:
             times.append(split)
     tokens = batches[0].numel()
     total = [sum(t) for t in times]
+    peak = torch.cuda.max_memory_allocated() - held_before if device.type == "cuda" else None
     result = {
         "run": f"{kind}:{which}",
         "trainable_params": trainable,
@@ -225,8 +229,9 @@ def measure(kind, which, args, shape, config, device, batches) -> dict:
         "forward_ms": statistics.median(t[0] for t in times),
         "backward_ms": statistics.median(t[1] for t in times),
         "optimizer_ms": statistics.median(t[2] for t in times),
-        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
-        "peak_mem_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+        "peak_mem_gb": peak / 1e9 if peak is not None else None,
+        "peak_mem_bytes": peak,
+        "held_before_bytes": held_before if device.type == "cuda" else None,
     }
     if hasattr(holder, "destroy"):
         holder.destroy()
