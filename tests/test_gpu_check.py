@@ -50,7 +50,7 @@ def test_cpu_dry_run_runs_every_step(tmp_path):
     assert report["cpt_resume"]["steps"] == report["cpt_resume"]["resumed_steps"] == 30
     assert report["cpt_resume"]["max_rel_loss_diff"] <= 2e-3
     runs = {r["run"] for r in report["bench"]["results"]}
-    assert {"plain:top", "engine:top", "engine-z2:top", "engine-z1:top"} <= runs
+    assert {"plain:top", "engine:top", "engine-z2:top", "engine-z1:top", "engine-z0:top"} <= runs
     assert {r["run"] for r in report["plan_vs_peak"]} >= {"engine:top", "engine-z2:top", "engine-z1:top"}
     # DeepSpeed's quantizer is CUDA-only: here the comparison's code runs with ZeRO++ off on both sides
     assert report["zeropp"]["quantized"] is False and report["zeropp"]["max_abs_logit_change"] == 0

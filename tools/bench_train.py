@@ -11,6 +11,7 @@ Runs (``--runs``, comma-separated ``KIND:TRAINABLE``):
   engine-noleaf:top  the same with DeepSpeed's per-sub-module hooks (the straight set-up)
   engine-z2:top      our engine under ds_configs/zero2.json (frozen weights replicated)
   engine-z1:top      our engine under ds_configs/zero1.json
+  engine-z0:top      zero1.json at stage 0: DeepSpeed without ZeRO (a reference, not shipped)
   engine-zpp:top     --ds_config with mixed-precision ZeRO++ on the frozen weights (GPUs only)
   TRAINABLE: top / bottom / interleaved (the new layers of that placement) or full (every layer)
 
@@ -178,8 +179,14 @@ def engine_run(config, chosen_prefixes, batches, device, lr, ds_path, leaf, zero
     return engine, step, counts["trainable"]
 
 
-SHARDED = {"engine-z2": "zero2.json", "engine-z1": "zero1.json"}
+SHARDED = {"engine-z2": "zero2.json", "engine-z1": "zero1.json", "engine-z0": "zero1.json"}
 """Engine runs under another shipped config than --ds_config."""
+NO_ZERO = {"stage": 0}
+"""engine-z0: DeepSpeed without ZeRO (everything replicated, as plain data parallelism), a reference
+that is not shipped: it holds every trainable tensor's optimizer state on every GPU, and in bf16
+DeepSpeed wraps the optimizer in its FP16_Optimizer for bf16 (``_do_optimizer_sanity_check``:
+DDP_BFLOAT16; flat fp32 masters copied from and to the weights every step, as ZeRO-1/2 do). In fp32
+it is the plain optimizer with an all-reduce of the gradients."""
 ZERO_PP = {"zero_quantized_nontrainable_weights": True, "zero_hpz_partition_size": 1}
 """engine-zpp: --ds_config with mixed-precision ZeRO++ on the frozen weights (they are kept and
 gathered quantized; needs DeepSpeed's CUDA quantizer kernels, so GPUs only)."""
@@ -211,7 +218,7 @@ def measure(kind, which, args, shape, config, device, batches) -> dict:
             args.lr,
             ds_path,
             leaf=kind != "engine-noleaf",
-            zero_extra=ZERO_PP if kind == "engine-zpp" else None,
+            zero_extra={"engine-zpp": ZERO_PP, "engine-z0": NO_ZERO}.get(kind),
         )
     times = []
     for i, ids in enumerate(batches):

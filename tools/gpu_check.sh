@@ -161,7 +161,7 @@ step sft_packing 180 $PY launchers/sft.py --model "$WORK/up" --data "$WORK/chat.
 # -- 5. training throughput of every sharding against plain PyTorch: one process and one round, to
 # stay within the check's minutes (a fuller measurement: bench_train.py's defaults, a process per run)
 step bench_train 300 $PY tools/bench_train.py --shape "$BENCH_SHAPE" $BENCH_STEPS --no-isolate --rounds 1 \
-    --runs "plain:top,plain:full,engine:top,engine-z2:top,engine-z1:top,engine:full,engine:bottom$ZPP" \
+    --runs "plain:top,plain:full,engine:top,engine-z2:top,engine-z1:top,engine-z0:top,engine:full,engine:bottom$ZPP" \
     --json "$WORK/bench.json"
 
 # -- 6. the memory plan against each engine's measured peak (same shape, 1 GPU)
