@@ -10,7 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, add_char_tokenizer, make_tiny, make_training_model, write_wiki_jsonl
+from conftest import (
+    FAMILIES,
+    HYBRID,
+    MOE_FAMILIES,
+    REPO,
+    add_char_tokenizer,
+    make_tiny,
+    make_training_model,
+    write_wiki_jsonl,
+)
 from deus_dist.architectures import architecture_for
 from deus_dist.cli.args import parse_config
 from deus_dist.configs import TrainConfig
@@ -562,3 +571,30 @@ def test_moe_mfu_counts_the_experts_a_token_uses_and_the_stacked_parameters_that
     assert layers == [rest + experts * 2 / 4] * 6
     assert trainable == [0, 0, 0, rest + experts * 2 / 4, 0, 0]
     assert head == 128 * 64
+
+
+@pytest.mark.parametrize("family", FAMILIES + MOE_FAMILIES + [HYBRID])
+def test_every_family_loads_for_training_with_an_attention_it_supports(tmp_path, family):
+    """The launcher's loader asks each model class for SDPA and falls back to eager attention where
+    the class has none (Gemma-2 soft-caps its scores); transformers refuses an implementation a
+    class lacks, so a fused Gemma-2 would not train otherwise. One training step's forward and
+    backward run on what it loads."""
+    import torch
+
+    from deus_dist.train.model import causal_lm_class, load_model
+
+    path = make_tiny(tmp_path / family, family)
+    ds = resolve(load_ds_config(REPO / "ds_configs" / "zero2.json"), precision="fp32")
+    model, hf_ds = load_model(path, ds, activation_checkpointing=True)
+    assert hf_ds is None  # ZeRO-2 loads whole weights
+    sdpa = causal_lm_class(model.config)._supports_sdpa
+    assert model.config._attn_implementation == ("sdpa" if sdpa else "eager")
+    assert sdpa or family == "gemma2"
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad
+    )

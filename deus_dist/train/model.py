@@ -31,33 +31,55 @@ def param_groups(model, trainable: set[str], weight_decay: float) -> list[dict]:
     return groups
 
 
-def attention_implementation(ds: dict) -> str:
-    """FlashAttention 2 on GPUs where it is installed and the compute dtype allows it (its varlen
-    kernels run packed conversations without a mask), else PyTorch's SDPA (packed conversations get
-    a block-diagonal causal mask from transformers)."""
+def causal_lm_class(config):
+    """The transformers class AutoModelForCausalLM builds for ``config``."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise UserError(
+            f"--model: transformers has no causal language model for model_type {config.model_type!r}"
+        ) from None
+
+
+def attention_implementation(ds: dict, model_class=None) -> str:
+    """FlashAttention 2 on GPUs where it is installed, the compute dtype allows it and the model
+    supports it (its varlen kernels run packed conversations without a mask), else PyTorch's SDPA
+    (packed conversations get a block-diagonal causal mask from transformers), else, for a model
+    without SDPA support (Gemma-2: its attention soft-caps the scores), transformers' eager
+    attention."""
     import importlib.util
+
+    def supports(flag: str) -> bool:
+        return model_class is None or bool(getattr(model_class, flag, False))
 
     if (
         torch.cuda.is_available()
         and compute_dtype(ds) != torch.float32
         and importlib.util.find_spec("flash_attn")
+        and supports("_supports_flash_attn")
     ):
         return "flash_attention_2"
-    return "sdpa"
+    return "sdpa" if supports("_supports_sdpa") else "eager"
 
 
 def load_model(source, ds: dict, activation_checkpointing: bool):
     """(model, hf_ds_config): ``source`` is a checkpoint directory, or a transformers config (random
     weights, for benchmarks). Under ZeRO-3 the weights are partitioned as they load."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     # Must stay alive through from_pretrained: it makes transformers load into ZeRO-3 partitions.
     hf_ds = HfDeepSpeedConfig(ds) if ds.get("zero_optimization", {}).get("stage") == 3 else None
-    kw = {"dtype": compute_dtype(ds), "attn_implementation": attention_implementation(ds)}
     with quiet_transformers(True):
+        config = AutoConfig.from_pretrained(source) if isinstance(source, (str, Path)) else source
+        kw = {
+            "dtype": compute_dtype(ds),
+            "attn_implementation": attention_implementation(ds, causal_lm_class(config)),
+        }
         if isinstance(source, (str, Path)):
-            model = AutoModelForCausalLM.from_pretrained(source, **kw)
+            model = AutoModelForCausalLM.from_pretrained(source, config=config, **kw)
         else:
             model = AutoModelForCausalLM.from_config(source, **kw)
     model.config.use_cache = False
