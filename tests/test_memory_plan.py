@@ -302,3 +302,84 @@ def test_every_family_is_sized(family):
     assert shape.intermediate > shape.hidden > 0
     run = RunShape(gpus_per_node=2, seq_len=64, micro_batch=2)
     assert all(plan_choice(shape, run, sh).peak > 0 for sh in shardings(cuda=False))
+
+
+def saved_activation_bytes(model, ids) -> int:
+    """Bytes autograd still holds at the end of a training forward: tensors saved for backward,
+    counted once per storage, parameters left out (as tests/helpers/measure_memory.py counts)."""
+    import weakref
+
+    import torch
+
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved = []
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter) and t.numel():
+            st = t.untyped_storage()
+            if st._cdata not in params:
+                saved.append((weakref.ref(t), st._cdata, st.nbytes()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    held = {key: nbytes for ref, key, nbytes in saved if ref() is not None}
+    del loss
+    return sum(held.values())
+
+
+@pytest.mark.parametrize("family", FAMILIES + MOE_FAMILIES + [HYBRID])
+def test_activation_estimate_is_checked_or_the_plan_says_it_is_not(family):
+    """Saved activations of the model as training loads it (its attention, the top half of its
+    layers trainable), against the planner's per-token terms: within 10% for the families those
+    terms describe; every other family's plan says its activations are an unchecked estimate."""
+    import torch
+
+    from conftest import tiny_config
+    from deus_dist.architectures import architecture_for
+    from deus_dist.train.memory_plan import activation_bytes, make_plan
+    from deus_dist.train.model import load_model
+
+    config = tiny_config(family)
+    model, _ = load_model(config, {"bf16": {"enabled": False}, "fp16": {"enabled": False}}, False)
+    model.train()
+    description = {"model_type": config.model_type, **config.to_dict()}
+    arch = architecture_for(description)
+    n = config.num_hidden_layers
+    new = list(range(n // 2, n))
+    for name, p in model.named_parameters():
+        split = arch.split_name(name)
+        p.requires_grad_(split is not None and split[0] in new)
+    seq, micro = 16, 2  # no longer than the tiny configs' 16-token windows
+    ids = torch.randint(0, config.vocab_size, (micro, seq), generator=torch.Generator().manual_seed(0))
+    held = saved_activation_bytes(model, ids)
+    shape = shape_from_config(description, new)
+    run = RunShape(gpus_per_node=1, seq_len=seq, micro_batch=micro, precision="fp32")
+    planned = activation_bytes(shape, run, zero3=False)["saved"]
+    plan = make_plan(shape, run, gpu_memory_gib=80)
+    caveats = [r for r in plan.reasons if "not checked against measurement" in r]
+    if shape.activations_checked(seq):
+        assert planned == pytest.approx(held, rel=0.10), (family, planned, held)
+        assert not caveats
+    else:
+        assert len(caveats) == 1 and config.model_type in caveats[0], plan.reasons
+
+
+def test_unchecked_activations_are_named_in_the_plan_and_the_json(tmp_path, capsys):
+    from conftest import tiny_config
+
+    mistral = {"model_type": "mistral", **tiny_config("mistral", sliding_window=16).to_dict()}
+    (tmp_path / "config.json").write_text(json.dumps(mistral))
+    (tmp_path / "deus_manifest.json").write_text(json.dumps({"new_layers": [4, 5]}))
+    assert main(["--model", str(tmp_path), "--gpus_per_node", "1", "--seq_len", "64"]) == 0
+    assert "16-token attention window is shorter than --seq_len 64" in capsys.readouterr().out
+    report = plan_json(capsys, "--model", tmp_path, "--gpus_per_node", "1", "--seq_len", "16")
+    assert not any("not checked" in r for r in report["reasons"])  # the window covers 16 tokens
+    moe = tmp_path / "moe"
+    moe.mkdir()
+    (moe / "config.json").write_text(
+        json.dumps({"model_type": "qwen3_moe", **tiny_config("qwen3_moe").to_dict()})
+    )
+    (moe / "deus_manifest.json").write_text(json.dumps({"new_layers": [5]}))
+    report = plan_json(capsys, "--model", moe, "--gpus_per_node", "1")
+    assert any("qwen3_moe blocks save other tensors" in r for r in report["reasons"])

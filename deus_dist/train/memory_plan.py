@@ -143,6 +143,15 @@ def shardings(cuda: bool = True) -> list[Sharding]:
     ]
 
 
+ACTIVATIONS_CHECKED = ("llama", "mistral")
+"""Families whose saved activations the per-token terms below match (measured with
+``saved_tensors_hooks``; tests/test_memory_plan.py). Other families' blocks save other tensors:
+q/k norms, sandwich norms, fused projections kept whole, LayerNorm statistics, expert routing,
+state-space scans, eager attention's probabilities. At test scale (tests/conftest.py's tiny
+configs, 2 x 64 tokens in fp32) they saved from 0.7x (GPT-NeoX) to 2.6x (Bamba) of these terms:
+Qwen3 1.3x, Gemma-2 1.5x, GPT-2 1.8x, Mixtral 1.7x."""
+
+
 @dataclass
 class ModelShape:
     """Parameter counts of the up-scaled model, per layer and split frozen / trainable, and the
@@ -169,6 +178,16 @@ class ModelShape:
     parameters: a rank's share plus at most one that straddles its boundary)."""
     params_1d_per_layer: list[int] = field(default_factory=list)
     """Elements of each layer's small (1-d) tensors: norms and biases."""
+    model_type: str = "llama"
+    sliding_window: int | None = None
+    """The smallest attention window of the model's sliding-window layers (None: none)."""
+
+    def activations_checked(self, seq_len: int) -> bool:
+        """Whether the activation terms are those of this model's blocks: checked against what
+        autograd saves for Llama and Mistral (``ACTIVATIONS_CHECKED``), with every attention
+        window at least ``seq_len`` (a shorter window makes SDPA take a mask, which it saves)."""
+        window_ok = self.sliding_window is None or self.sliding_window >= seq_len
+        return self.model_type in ACTIVATIONS_CHECKED and window_ok
 
     @property
     def total(self) -> int:
@@ -255,7 +274,21 @@ def shape_from_config(
         largest_tensor=largest,
         largest_trainable=largest_train,
         params_1d_per_layer=small,
+        model_type=cfg.model_type,
+        sliding_window=_smallest_window(cfg),
     )
+
+
+def _smallest_window(cfg) -> int | None:
+    """The attention window of the config's sliding-window layers, None when it has none (a
+    ``layer_types`` list without "sliding_attention", or no ``sliding_window``)."""
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    if getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    return int(window)
 
 
 def upscaled_config(base: dict, num_layers: int) -> dict:
@@ -481,6 +514,8 @@ def make_plan(
         reasons.append(why)
     else:
         reasons += _what_would_fit(s, run, budget, cuda, choices)
+    if not s.activations_checked(run.seq_len):
+        reasons.append(activations_caveat(s, run.seq_len))
     return MemoryPlan(
         model=model,
         shape={
@@ -496,6 +531,26 @@ def make_plan(
         choices=choices,
         recommended=recommended,
         reasons=reasons,
+    )
+
+
+def activations_caveat(s: ModelShape, seq_len: int) -> str:
+    """What a plan says when its activation terms are not checked for this model."""
+    if s.model_type in ACTIVATIONS_CHECKED:
+        why = (
+            f"its {s.sliding_window}-token attention window is shorter than --seq_len {seq_len}, "
+            "so attention takes a mask the estimate leaves out"
+        )
+    else:
+        why = (
+            f"they are counted as for a Llama-style block (RMSNorm, SDPA, SwiGLU), checked for "
+            f"{' and '.join(ACTIVATIONS_CHECKED)} only; {s.model_type} blocks save other tensors, "
+            "and at test scale other families measured 0.7x to 2.6x of the estimate"
+        )
+    return (
+        f"activations are an estimate for this model, not checked against measurement: {why}. "
+        "Leave more --headroom, or measure: a short run's metrics.jsonl records its measured "
+        "peak_memory_gb beside planned_memory_gb"
     )
 
 
@@ -640,7 +695,10 @@ def plan_run(config: dict, trainable: set[str], run: RunShape, ds: dict) -> Choi
     if int(ds.get("zero_optimization", {}).get("stage", 0)) not in (1, 2, 3):
         raise UserError("--ds_config: the memory planner sizes ZeRO stages 1, 2 and 3 only")
     shape = shape_from_config(config, [], trainable_names=set(trainable))
-    return plan_choice(shape, run, sharding_of(ds))
+    plan = plan_choice(shape, run, sharding_of(ds))
+    if not shape.activations_checked(run.seq_len):
+        plan.note = activations_caveat(shape, run.seq_len)
+    return plan
 
 
 def auto_ds_config(
@@ -699,4 +757,6 @@ def auto_ds_config(
         f"{chosen.peak / GiB:.2f} GiB planned per {where} of {memory_gib:.1f} GiB less {headroom:.0%} headroom "
         f"(others, GiB: {others})"
     )
+    if not shape.activations_checked(run.seq_len):
+        why += "; " + activations_caveat(shape, run.seq_len)
     return DS_CONFIGS / chosen.config, why

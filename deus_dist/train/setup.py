@@ -302,6 +302,8 @@ def planned_memory(setup: TrainSetup, device: str, log=print):
         f"memory plan ({plan.name}): {plan.peak / GiB:.2f} GiB per {device} at peak ({parts} GiB); "
         "metrics.jsonl records it as planned_memory_gb beside the measured peak_memory_gb"
     )
+    if plan.note:
+        log(f"memory plan: {plan.note}")
     return plan
 
 
