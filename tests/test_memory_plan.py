@@ -328,8 +328,9 @@ def saved_activation_bytes(model, ids) -> int:
     return sum(held.values())
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("family", FAMILIES + MOE_FAMILIES + [HYBRID])
-def test_activation_estimate_is_checked_or_the_plan_says_it_is_not(family):
+def test_activation_estimate_is_checked_or_the_plan_says_it_is_not(family, precision):
     """Saved activations of the model as training loads it (its attention, the top half of its
     layers trainable), against the planner's per-token terms: within 10% for the families those
     terms describe; every other family's plan says its activations are an unchecked estimate."""
@@ -341,7 +342,9 @@ def test_activation_estimate_is_checked_or_the_plan_says_it_is_not(family):
     from deus_dist.train.model import load_model
 
     config = tiny_config(family)
-    model, _ = load_model(config, {"bf16": {"enabled": False}, "fp16": {"enabled": False}}, False)
+    model, _ = load_model(
+        config, {"bf16": {"enabled": precision == "bf16"}, "fp16": {"enabled": False}}, False
+    )
     model.train()
     description = {"model_type": config.model_type, **config.to_dict()}
     arch = architecture_for(description)
@@ -350,11 +353,11 @@ def test_activation_estimate_is_checked_or_the_plan_says_it_is_not(family):
     for name, p in model.named_parameters():
         split = arch.split_name(name)
         p.requires_grad_(split is not None and split[0] in new)
-    seq, micro = 16, 2  # no longer than the tiny configs' 16-token windows
+    seq, micro = 8, 2  # shorter than the tiny configs' 16-token windows: no attention mask
     ids = torch.randint(0, config.vocab_size, (micro, seq), generator=torch.Generator().manual_seed(0))
     held = saved_activation_bytes(model, ids)
     shape = shape_from_config(description, new)
-    run = RunShape(gpus_per_node=1, seq_len=seq, micro_batch=micro, precision="fp32")
+    run = RunShape(gpus_per_node=1, seq_len=seq, micro_batch=micro, precision=precision)
     planned = activation_bytes(shape, run, zero3=False)["saved"]
     plan = make_plan(shape, run, gpu_memory_gib=80)
     caveats = [r for r in plan.reasons if "not checked against measurement" in r]
@@ -373,8 +376,8 @@ def test_unchecked_activations_are_named_in_the_plan_and_the_json(tmp_path, caps
     (tmp_path / "deus_manifest.json").write_text(json.dumps({"new_layers": [4, 5]}))
     assert main(["--model", str(tmp_path), "--gpus_per_node", "1", "--seq_len", "64"]) == 0
     assert "16-token attention window is shorter than --seq_len 64" in capsys.readouterr().out
-    report = plan_json(capsys, "--model", tmp_path, "--gpus_per_node", "1", "--seq_len", "16")
-    assert not any("not checked" in r for r in report["reasons"])  # the window covers 16 tokens
+    report = plan_json(capsys, "--model", tmp_path, "--gpus_per_node", "1", "--seq_len", "15")
+    assert not any("not checked" in r for r in report["reasons"])  # the window covers 15 tokens
     moe = tmp_path / "moe"
     moe.mkdir()
     (moe / "config.json").write_text(

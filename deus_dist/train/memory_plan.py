@@ -26,15 +26,16 @@ the GPU holds the gathered working set, the buckets and the activations.
 
 Saved activations start at the lowest trainable layer: below it autograd records nothing. Per
 token, a Llama-style block (RMSNorm, SDPA, SwiGLU) above that layer saves each norm's fp32 input
-and inverse RMS (``4d + 4``), q/k/v and the attention output and log-sum-exp
-(``e (2H + 2Hkv) hd + 4H``), and the MLP's gate, up and SiLU outputs (``3 m e``); a layer whose
+and inverse RMS (``4d + 4``; q/k norms likewise over the heads they normalise), q/k/v and the
+attention output and log-sum-exp (``e (2H + 2Hkv) hd + 4H``), and the MLP's gate, up and SiLU outputs (``3 m e``); a layer whose
 weights train also saves each norm's normalised input (``e d``) and the inputs of its linear
 layers (``e (2d + m)``; the output projection's input is the attention output's storage). ZeRO-3's
 own ``F.linear`` (``deepspeed/runtime/zero/linear.py``) saves every linear input, frozen or not.
 The loss saves its fp32 log-softmax (``4 V`` per token). With activation checkpointing each
 layer keeps only its input (``e d`` per token) and one trainable layer is recomputed at a time.
 These terms were counted with ``torch.autograd.graph.saved_tensors_hooks`` on transformers'
-Llama; tests/test_memory_plan.py checks every part against a real 2-rank engine.
+Llama; tests/test_memory_plan.py checks every part against a real 2-rank engine, and the
+activations of every family (``ACTIVATIONS_CHECKED`` says which they describe).
 """
 
 from __future__ import annotations
@@ -143,13 +144,14 @@ def shardings(cuda: bool = True) -> list[Sharding]:
     ]
 
 
-ACTIVATIONS_CHECKED = ("llama", "mistral")
-"""Families whose saved activations the per-token terms below match (measured with
-``saved_tensors_hooks``; tests/test_memory_plan.py). Other families' blocks save other tensors:
-q/k norms, sandwich norms, fused projections kept whole, LayerNorm statistics, expert routing,
-state-space scans, eager attention's probabilities. At test scale (tests/conftest.py's tiny
-configs, 2 x 64 tokens in fp32) they saved from 0.7x (GPT-NeoX) to 2.6x (Bamba) of these terms:
-Qwen3 1.3x, Gemma-2 1.5x, GPT-2 1.8x, Mixtral 1.7x."""
+ACTIVATIONS_CHECKED = ("llama", "mistral", "qwen2", "qwen3")
+"""Families whose saved activations the per-token terms below match exactly, in fp32 and bf16
+(measured with ``saved_tensors_hooks``; tests/test_memory_plan.py), as long as no attention window
+is shorter than the sequence. Other families' blocks save other tensors: norms that weigh in fp32
+(Gemma, OLMo-2), fused projections kept whole (Phi-3), LayerNorm statistics instead of normalised
+inputs (GPT-NeoX, GPT-2), expert routing, state-space scans, eager attention's probabilities. At
+test scale (tests/conftest.py's tiny configs, 2 x 8 tokens) they saved 0.6x (GPT-NeoX) to 1.3x
+(Gemma-2) of these terms, the mixtures of experts 1.1x-1.7x, and Bamba's Mamba layers 3.7x-5.3x."""
 
 
 @dataclass
@@ -178,6 +180,10 @@ class ModelShape:
     parameters: a rank's share plus at most one that straddles its boundary)."""
     params_1d_per_layer: list[int] = field(default_factory=list)
     """Elements of each layer's small (1-d) tensors: norms and biases."""
+    qk_norm_width: int = 0
+    """Elements per token that a layer's query/key norms (Qwen3, OLMo-2, Gemma-3) normalise."""
+    qk_norm_vectors: int = 0
+    """Vectors per token they normalise (one inverse RMS each)."""
     model_type: str = "llama"
     sliding_window: int | None = None
     """The smallest attention window of the model's sliding-window layers (None: none)."""
@@ -186,7 +192,8 @@ class ModelShape:
         """Whether the activation terms are those of this model's blocks: checked against what
         autograd saves for Llama and Mistral (``ACTIVATIONS_CHECKED``), with every attention
         window at least ``seq_len`` (a shorter window makes SDPA take a mask, which it saves)."""
-        window_ok = self.sliding_window is None or self.sliding_window >= seq_len
+        # transformers leaves the mask out (SDPA's is_causal) only for sequences shorter than the window
+        window_ok = self.sliding_window is None or self.sliding_window > seq_len
         return self.model_type in ACTIVATIONS_CHECKED and window_ok
 
     @property
@@ -229,6 +236,7 @@ def shape_from_config(
     layer, train, small = [0] * n, [0] * n, [0] * n
     other = other_train = 0
     norms = 0
+    qk_norms: list[tuple[str, int]] = []  # (q or k, the norm's size) of a layer's query/key norms
     new = set(range(n)) if trainable == "all" else set(new_layers)
     largest = largest_train = 0
     for name, p in model.named_parameters():
@@ -253,17 +261,24 @@ def shape_from_config(
             largest_train = max(largest_train, numel)
         if p.dim() == 1:
             small[i] += numel
-            if i == 0 and numel == cfg.hidden_size and "norm" in suffix:
+            if i == 0 and suffix.endswith(("q_norm.weight", "k_norm.weight")):
+                qk_norms.append((suffix[-13], numel))
+            elif i == 0 and numel == cfg.hidden_size and "norm" in suffix:
                 norms += 1
     heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    # a query/key norm normalises every head's vector (size head_dim) or the whole projection
+    qk_width = sum((heads if which == "q" else kv_heads) * head_dim for which, _ in qk_norms)
+    qk_vectors = sum((heads if which == "q" else kv_heads) * head_dim // size for which, size in qk_norms)
     return ModelShape(
         num_layers=n,
         hidden=cfg.hidden_size,
         # GPT-2 calls it n_inner, None meaning 4 x n_embd (GPT2Config)
         intermediate=arch.config_value(config, "intermediate_size") or 4 * cfg.hidden_size,
         heads=heads,
-        kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
         vocab=cfg.vocab_size,
         layer_params=layer,
         trainable_layer_params=train,
@@ -276,6 +291,8 @@ def shape_from_config(
         params_1d_per_layer=small,
         model_type=cfg.model_type,
         sliding_window=_smallest_window(cfg),
+        qk_norm_width=qk_width,
+        qk_norm_vectors=qk_vectors,
     )
 
 
@@ -345,10 +362,11 @@ def layer_activation_bytes(s: ModelShape, e: int, *, trainable: bool, input_grad
     b = 0.0
     # each norm keeps its fp32 input and inverse RMS; the first one's input is the layer input
     b += (norms - (0 if input_grad else 1)) * (4 * d + 4)
+    b += 4 * s.qk_norm_width + 4 * s.qk_norm_vectors  # query/key norms: fp32 input, inverse RMS
     b += e * (2 * s.heads + 2 * s.kv_heads) * hd + 4 * s.heads  # q, k, v, attention output; lse
     b += 3 * m * e  # gate and up outputs, SiLU output
     if trainable:
-        b += norms * e * d  # normalised inputs, for the norms' weight gradients
+        b += norms * e * d + e * s.qk_norm_width  # normalised inputs, for the norms' weight gradients
     if trainable or zero3:
         b += e * (2 * d + m)  # inputs of q/k/v and gate/up, and of down_proj
     return b
@@ -544,8 +562,8 @@ def activations_caveat(s: ModelShape, seq_len: int) -> str:
     else:
         why = (
             f"they are counted as for a Llama-style block (RMSNorm, SDPA, SwiGLU), checked for "
-            f"{' and '.join(ACTIVATIONS_CHECKED)} only; {s.model_type} blocks save other tensors, "
-            "and at test scale other families measured 0.7x to 2.6x of the estimate"
+            f"{', '.join(ACTIVATIONS_CHECKED)} only; {s.model_type} blocks save other tensors, "
+            "and at test scale other families saved 0.6x to 5.3x of the estimate"
         )
     return (
         f"activations are an estimate for this model, not checked against measurement: {why}. "
