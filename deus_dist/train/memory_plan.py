@@ -27,9 +27,10 @@ the GPU holds the gathered working set, the buckets and the activations.
 Saved activations start at the lowest trainable layer: below it autograd records nothing. Per
 token, a Llama-style block (RMSNorm, SDPA, SwiGLU) above that layer saves each norm's fp32 input
 and inverse RMS (``4d + 4``; q/k norms likewise over the heads they normalise), q/k/v and the
-attention output and log-sum-exp (``e (2H + 2Hkv) hd + 4H``), and the MLP's gate, up and SiLU outputs (``3 m e``); a layer whose
-weights train also saves each norm's normalised input (``e d``) and the inputs of its linear
-layers (``e (2d + m)``; the output projection's input is the attention output's storage). ZeRO-3's
+attention output and log-sum-exp (``e (2H + 2Hkv) hd + 4H``), and the MLP's gate, up and SiLU
+outputs (``3 m e``; a mixture of experts: ``mlp_activation_bytes``); a layer whose weights train
+also saves each norm's normalised input (``e d``) and the inputs of its linear layers
+(``e (2d + m)``; the output projection's input is the attention output's storage). ZeRO-3's
 own ``F.linear`` (``deepspeed/runtime/zero/linear.py``) saves every linear input, frozen or not.
 The loss saves its fp32 log-softmax (``4 V`` per token). With activation checkpointing each
 layer keeps only its input (``e d`` per token) and one trainable layer is recomputed at a time.
@@ -144,14 +145,15 @@ def shardings(cuda: bool = True) -> list[Sharding]:
     ]
 
 
-ACTIVATIONS_CHECKED = ("llama", "mistral", "qwen2", "qwen3")
-"""Families whose saved activations the per-token terms below match exactly, in fp32 and bf16
-(measured with ``saved_tensors_hooks``; tests/test_memory_plan.py), as long as no attention window
-is shorter than the sequence. Other families' blocks save other tensors: norms that weigh in fp32
-(Gemma, OLMo-2), fused projections kept whole (Phi-3), LayerNorm statistics instead of normalised
-inputs (GPT-NeoX, GPT-2), expert routing, state-space scans, eager attention's probabilities. At
-test scale (tests/conftest.py's tiny configs, 2 x 8 tokens) they saved 0.6x (GPT-NeoX) to 1.3x
-(Gemma-2) of these terms, the mixtures of experts 1.1x-1.7x, and Bamba's Mamba layers 3.7x-5.3x."""
+ACTIVATIONS_CHECKED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
+"""Families whose saved activations the per-token terms below match exactly, in fp32 and bf16,
+with the top or every other layer training (measured with ``saved_tensors_hooks``;
+tests/test_memory_plan.py), as long as no attention window is shorter than the sequence. Other
+families' blocks save other tensors: norms that weigh in fp32 (Gemma, OLMo-2), fused projections
+kept whole (Phi-3), LayerNorm statistics instead of normalised inputs (GPT-NeoX, GPT-2),
+state-space scans (Bamba), eager attention's probabilities (Gemma-2). At test scale
+(tests/conftest.py's tiny configs, 2 x 8 tokens) they saved 0.6x (GPT-NeoX) to 1.3x (Gemma-2) of
+these terms, and Bamba 3.7x-5.3x."""
 
 
 @dataclass
@@ -180,6 +182,12 @@ class ModelShape:
     parameters: a rank's share plus at most one that straddles its boundary)."""
     params_1d_per_layer: list[int] = field(default_factory=list)
     """Elements of each layer's small (1-d) tensors: norms and biases."""
+    experts: int = 0
+    """Routed experts per layer (0: a dense MLP)."""
+    experts_per_tok: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
+    """Width of a shared expert beside the routed ones (Qwen2-MoE), 0 if none."""
     qk_norm_width: int = 0
     """Elements per token that a layer's query/key norms (Qwen3, OLMo-2, Gemma-3) normalise."""
     qk_norm_vectors: int = 0
@@ -270,6 +278,7 @@ def shape_from_config(
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     # a query/key norm normalises every head's vector (size head_dim) or the whole projection
     qk_width = sum((heads if which == "q" else kv_heads) * head_dim for which, _ in qk_norms)
+    experts = int(getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0)
     qk_vectors = sum((heads if which == "q" else kv_heads) * head_dim // size for which, size in qk_norms)
     return ModelShape(
         num_layers=n,
@@ -291,6 +300,12 @@ def shape_from_config(
         params_1d_per_layer=small,
         model_type=cfg.model_type,
         sliding_window=_smallest_window(cfg),
+        experts=experts,
+        experts_per_tok=int(getattr(cfg, "num_experts_per_tok", 0) or 0) if experts else 0,
+        expert_intermediate=int(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
+        if experts
+        else 0,
+        shared_intermediate=int(getattr(cfg, "shared_expert_intermediate_size", 0) or 0) if experts else 0,
         qk_norm_width=qk_width,
         qk_norm_vectors=qk_vectors,
     )
@@ -355,20 +370,46 @@ class RunShape:
         return 2 if self.precision in ("bf16", "fp16") else 4
 
 
+def mlp_activation_bytes(s: ModelShape, e: int, *, trainable: bool, zero3: bool) -> float:
+    """Bytes a layer's MLP saves per token beyond its input (which the layer term counts).
+
+    A SwiGLU MLP keeps its gate, up and SiLU outputs (``3 m e``), and the down projection's input
+    when it trains (or under ZeRO-3's own linear). A mixture of experts (transformers' grouped
+    experts, ``integrations/moe.py``) keeps the router's fp32 probabilities and top-k indices, the
+    sort permutation, sorted expert ids and scatter index (int64), and for each of the token's k
+    experts its gate/up output, SiLU output, routing weight and weighted output; when it trains
+    also the gathered input and the down projection's input. A shared expert (Qwen2-MoE) is a
+    SwiGLU MLP beside them, with a sigmoid gate that keeps its output and the expert's output.
+    Grouped expert matmuls are not ``F.linear``, so ZeRO-3 changes only the router and shared expert."""
+    d = s.hidden
+    if not s.experts:
+        return 3 * s.intermediate * e + (s.intermediate * e if trainable or zero3 else 0)
+    k, me = s.experts_per_tok, s.expert_intermediate
+    b = 4 * s.experts + 8 * k + 3 * 8 * k  # router: probabilities, indices; permutation, ids, index
+    b += k * (3 * me * e + 4 + d * e)  # gate/up and SiLU outputs, routing weight, weighted output
+    if trainable:
+        b += k * (d + me) * e  # gathered input, down projection's input
+    if s.shared_intermediate:
+        ms = s.shared_intermediate
+        b += 3 * ms * e + e + d * e  # shared SwiGLU; its gate's sigmoid, its output
+        b += ms * e if trainable or zero3 else 0
+    return b
+
+
 def layer_activation_bytes(s: ModelShape, e: int, *, trainable: bool, input_grad: bool, zero3: bool) -> float:
     """Bytes one decoder layer saves for backward, per token (see the module docstring)."""
-    d, m, hd = s.hidden, s.intermediate, s.head_dim
+    d, hd = s.hidden, s.head_dim
     norms = s.norms_per_layer
     b = 0.0
     # each norm keeps its fp32 input and inverse RMS; the first one's input is the layer input
     b += (norms - (0 if input_grad else 1)) * (4 * d + 4)
     b += 4 * s.qk_norm_width + 4 * s.qk_norm_vectors  # query/key norms: fp32 input, inverse RMS
     b += e * (2 * s.heads + 2 * s.kv_heads) * hd + 4 * s.heads  # q, k, v, attention output; lse
-    b += 3 * m * e  # gate and up outputs, SiLU output
+    b += mlp_activation_bytes(s, e, trainable=trainable, zero3=zero3)
     if trainable:
         b += norms * e * d + e * s.qk_norm_width  # normalised inputs, for the norms' weight gradients
     if trainable or zero3:
-        b += e * (2 * d + m)  # inputs of q/k/v and gate/up, and of down_proj
+        b += e * 2 * d  # inputs of q/k/v and of the MLP (gate/up, or the router)
     return b
 
 
@@ -561,9 +602,9 @@ def activations_caveat(s: ModelShape, seq_len: int) -> str:
         )
     else:
         why = (
-            f"they are counted as for a Llama-style block (RMSNorm, SDPA, SwiGLU), checked for "
+            f"they are counted as for a Llama-style block (RMSNorm, SDPA, SwiGLU or routed experts), checked for "
             f"{', '.join(ACTIVATIONS_CHECKED)} only; {s.model_type} blocks save other tensors, "
-            "and at test scale other families saved 0.6x to 5.3x of the estimate"
+            "and at test scale the other families saved 0.6x to 5.3x of the estimate"
         )
     return (
         f"activations are an estimate for this model, not checked against measurement: {why}. "
