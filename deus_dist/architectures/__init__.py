@@ -19,6 +19,9 @@ Beyond the Llama block, a description can say:
   :func:`architecture_for` expands the keys for the checkpoint's config (each expanded role knows
   its ``expert`` and ``template``); ``requires`` lists config values the description assumes (a
   checkpoint whose config says otherwise is refused, naming the field; ``requires_why`` says why).
+- for the memory planner's activation terms: ``"fp32_norm_gains": true`` (the RMSNorms multiply
+  their gain in fp32, as Gemma's and OLMo-2's do) and ``"pre_norm": false`` (a post-norm block,
+  OLMo-2's: no norm reads the layer input).
 """
 
 from __future__ import annotations
@@ -95,6 +98,11 @@ class Architecture:
     whose layers of different types hold different tensors (``TensorRole.layer_type``)."""
     layer_index_lists: tuple[str, ...] = ()
     """Config fields listing the indices of the layers of one type (Bamba's ``attn_layer_indices``)."""
+    fp32_norm_gains: bool = False
+    """Its RMSNorms multiply their gain in fp32 (the memory planner: a trainable norm keeps its
+    normalised input in fp32, not in the compute dtype)."""
+    pre_norm: bool = True
+    """A layer's first norm reads the layer input (False for a post-norm block such as OLMo-2's)."""
     _layer_re: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -206,6 +214,8 @@ def all_architectures() -> tuple[Architecture, ...]:
                 config_names=dict(raw.get("config_names", {})),
                 layer_type_list=raw.get("layer_type_list"),
                 layer_index_lists=tuple(raw.get("layer_index_lists", ())),
+                fp32_norm_gains=bool(raw.get("fp32_norm_gains", False)),
+                pre_norm=bool(raw.get("pre_norm", True)),
                 **({"embeddings": tuple(raw["embeddings"])} if "embeddings" in raw else {}),
             )
         )

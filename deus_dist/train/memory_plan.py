@@ -28,12 +28,13 @@ Saved activations start at the lowest trainable layer: below it autograd records
 token, a Llama-style block (RMSNorm, SDPA, SwiGLU) above that layer saves each norm's fp32 input
 and inverse RMS (``4d + 4``; q/k norms likewise over the heads they normalise), q/k/v and the
 attention output and log-sum-exp (``e (2H + 2Hkv) hd + 4H``), and the MLP's gate, up and SiLU
-outputs (``3 m e``; a mixture of experts: ``mlp_activation_bytes``); a layer whose weights train
-also saves each norm's normalised input (``e d``) and the inputs of its linear layers
-(``e (2d + m)``; the output projection's input is the attention output's storage). ZeRO-3's
-own ``F.linear`` (``deepspeed/runtime/zero/linear.py``) saves every linear input, frozen or not.
-The loss saves its fp32 log-softmax (``4 V`` per token). With activation checkpointing each
-layer keeps only its input (``e d`` per token) and one trainable layer is recomputed at a time.
+outputs (``3 m e``; a mixture of experts: ``mlp_activation_bytes``; eager attention:
+``attention_activation_bytes``); a layer whose weights train also saves each norm's normalised
+input (``e d``) and the inputs of its linear layers (``e (2d + m)``; the output projection's
+input is the attention output's storage). ZeRO-3's own ``F.linear``
+(``deepspeed/runtime/zero/linear.py``) saves every linear input, frozen or not. The loss saves its
+fp32 log-softmax (``4 V`` per token). With activation checkpointing each layer keeps only its
+input (``e d`` per token) and one trainable layer is recomputed at a time.
 These terms were counted with ``torch.autograd.graph.saved_tensors_hooks`` on transformers'
 Llama; tests/test_memory_plan.py checks every part against a real 2-rank engine, and the
 activations of every family (``ACTIVATIONS_CHECKED`` says which they describe).
@@ -145,14 +146,17 @@ def shardings(cuda: bool = True) -> list[Sharding]:
     ]
 
 
-ACTIVATIONS_CHECKED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
-"""Families whose saved activations the per-token terms below match exactly, in fp32 and bf16,
-with the top or every other layer training (measured with ``saved_tensors_hooks``;
-tests/test_memory_plan.py), as long as no attention window is shorter than the sequence. Other
-families' blocks save other tensors: norms that weigh in fp32 (Gemma, OLMo-2), fused projections
-kept whole (Phi-3), LayerNorm statistics instead of normalised inputs (GPT-NeoX, GPT-2),
-state-space scans (Bamba), eager attention's probabilities (Gemma-2). At test scale
-(tests/conftest.py's tiny configs, 2 x 8 tokens) they saved 0.6x (GPT-NeoX) to 1.3x (Gemma-2) of
+ACTIVATIONS_CHECKED = (
+    *("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2"),
+    *("mixtral", "qwen3_moe", "olmoe", "qwen2_moe"),
+)
+"""Families whose saved activations the per-token terms below match, in fp32 and bf16, with the
+top or every other layer training (measured with ``saved_tensors_hooks``; tests/test_memory_plan.py):
+exactly, Gemma within 4% (its norms' fp32 gains and second rotary table are per layer, not per
+token), as long as no attention window is shorter than the sequence. The other families' blocks
+save other tensors: fused projections kept whole (Phi-3), LayerNorm statistics instead of
+normalised inputs (GPT-NeoX, GPT-2), state-space scans (Bamba). At test scale
+(tests/conftest.py's tiny configs, 2 x 8 tokens) they saved 0.6x (GPT-NeoX) to 1.3x (GPT-2) of
 these terms, and Bamba 3.7x-5.3x."""
 
 
@@ -188,6 +192,15 @@ class ModelShape:
     expert_intermediate: int = 0
     shared_intermediate: int = 0
     """Width of a shared expert beside the routed ones (Qwen2-MoE), 0 if none."""
+    eager_attention: bool = False
+    """transformers' eager attention: the model class has no SDPA (Gemma-2)."""
+    attn_softcap: bool = False
+    final_softcap: bool = False
+    fp32_norm_gains: bool = False
+    """Its RMSNorms multiply their gain in fp32 (Gemma, OLMo-2): a trainable norm keeps its
+    normalised input in fp32."""
+    pre_norm: bool = True
+    """Its first norm reads the layer input (False: post-norm, OLMo-2: norms read sublayer outputs)."""
     qk_norm_width: int = 0
     """Elements per token that a layer's query/key norms (Qwen3, OLMo-2, Gemma-3) normalise."""
     qk_norm_vectors: int = 0
@@ -236,6 +249,7 @@ def shape_from_config(
 
     from deus_dist.architectures import architecture_for
     from deus_dist.checkpoint.layout import meta_model_from_config
+    from deus_dist.train.model import causal_lm_class
 
     arch = architecture_for(config)
     cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("architectures",)})
@@ -301,6 +315,11 @@ def shape_from_config(
         model_type=cfg.model_type,
         sliding_window=_smallest_window(cfg),
         experts=experts,
+        eager_attention=not getattr(causal_lm_class(cfg), "_supports_sdpa", True),
+        attn_softcap=getattr(cfg, "attn_logit_softcapping", None) is not None,
+        final_softcap=getattr(cfg, "final_logit_softcapping", None) is not None,
+        fp32_norm_gains=arch.fp32_norm_gains,
+        pre_norm=arch.pre_norm,
         experts_per_tok=int(getattr(cfg, "num_experts_per_tok", 0) or 0) if experts else 0,
         expert_intermediate=int(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
         if experts
@@ -396,18 +415,36 @@ def mlp_activation_bytes(s: ModelShape, e: int, *, trainable: bool, zero3: bool)
     return b
 
 
-def layer_activation_bytes(s: ModelShape, e: int, *, trainable: bool, input_grad: bool, zero3: bool) -> float:
+def attention_activation_bytes(s: ModelShape, e: int, seq_len: int, *, trainable: bool, zero3: bool) -> float:
+    """Bytes a layer's attention saves per token. SDPA keeps q, k, v, its output and the fp32
+    log-sum-exp. transformers' eager attention (a model class without SDPA, Gemma-2) keeps q and
+    k, v repeated to every head, the fp32 softmax and the probabilities in the compute dtype (a
+    row of ``seq_len`` scores per head and token), the tanh of soft-capped scores, and the output
+    only where the output projection needs it for its weight gradient. On a GPU where FlashAttention
+    is installed the run uses it instead (``train.model.attention_implementation``) and saves no
+    scores, so for such a model the plan is then an upper bound."""
+    hd = s.head_dim
+    if not s.eager_attention:
+        return e * (2 * s.heads + 2 * s.kv_heads) * hd + 4 * s.heads
+    b = e * 3 * s.heads * hd + s.heads * seq_len * (4 + e + (e if s.attn_softcap else 0))
+    return b + (e * s.heads * hd if trainable or zero3 else 0)
+
+
+def layer_activation_bytes(
+    s: ModelShape, e: int, *, trainable: bool, input_grad: bool, zero3: bool, seq_len: int = 0
+) -> float:
     """Bytes one decoder layer saves for backward, per token (see the module docstring)."""
-    d, hd = s.hidden, s.head_dim
+    d = s.hidden
     norms = s.norms_per_layer
     b = 0.0
     # each norm keeps its fp32 input and inverse RMS; the first one's input is the layer input
-    b += (norms - (0 if input_grad else 1)) * (4 * d + 4)
+    b += (norms - (0 if input_grad or not s.pre_norm else 1)) * (4 * d + 4)
     b += 4 * s.qk_norm_width + 4 * s.qk_norm_vectors  # query/key norms: fp32 input, inverse RMS
-    b += e * (2 * s.heads + 2 * s.kv_heads) * hd + 4 * s.heads  # q, k, v, attention output; lse
+    b += attention_activation_bytes(s, e, seq_len, trainable=trainable, zero3=zero3)
     b += mlp_activation_bytes(s, e, trainable=trainable, zero3=zero3)
     if trainable:
-        b += norms * e * d + e * s.qk_norm_width  # normalised inputs, for the norms' weight gradients
+        # normalised inputs, for the norms' weight gradients
+        b += (4 if s.fp32_norm_gains else e) * (norms * d + s.qk_norm_width)
     if trainable or zero3:
         b += e * 2 * d  # inputs of q/k/v and of the MLP (gate/up, or the router)
     return b
@@ -423,8 +460,13 @@ def activation_bytes(s: ModelShape, run: RunShape, zero3: bool) -> dict[str, flo
     for i in range(low, s.num_layers):
         train = i in trainable_layers
         input_grad = i > low or (zero3 and run.zero3_leaf_layers) or s.trainable_other > 0
-        per_layer.append(layer_activation_bytes(s, e, trainable=train, input_grad=input_grad, zero3=zero3))
+        per_layer.append(
+            layer_activation_bytes(
+                s, e, trainable=train, input_grad=input_grad, zero3=zero3, seq_len=run.seq_len
+            )
+        )
     head = (4 * d + 4) + 4 * v + 8  # final norm input and inverse RMS; fp32 log-softmax; labels
+    head += e * v if s.final_softcap else 0  # the tanh of soft-capped logits (Gemma-2)
     head += e * d if zero3 else 0  # ZeRO-3's linear keeps the head's input
     rope = 2 * s.head_dim * e * run.seq_len  # cos and sin of one sequence, shared by every layer
     if run.activation_checkpointing:
