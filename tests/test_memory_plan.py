@@ -380,9 +380,9 @@ def test_unchecked_activations_are_named_in_the_plan_and_the_json(tmp_path, caps
     assert "16-token attention window is shorter than --seq_len 64" in capsys.readouterr().out
     report = plan_json(capsys, "--model", tmp_path, "--gpus_per_node", "1", "--seq_len", "15")
     assert not any("not checked" in r for r in report["reasons"])  # the window covers 15 tokens
-    phi3 = tmp_path / "phi3"
-    phi3.mkdir()
-    (phi3 / "config.json").write_text(json.dumps({"model_type": "phi3", **tiny_config("phi3").to_dict()}))
-    (phi3 / "deus_manifest.json").write_text(json.dumps({"new_layers": [5]}))
-    report = plan_json(capsys, "--model", phi3, "--gpus_per_node", "1")
-    assert any("phi3 blocks save other tensors" in r for r in report["reasons"])
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", **tiny_config("gpt2").to_dict()}))
+    (gpt2 / "deus_manifest.json").write_text(json.dumps({"new_layers": [5]}))
+    report = plan_json(capsys, "--model", gpt2, "--gpus_per_node", "1")
+    assert any("gpt2 blocks save other tensors" in r for r in report["reasons"])

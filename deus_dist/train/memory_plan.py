@@ -147,17 +147,16 @@ def shardings(cuda: bool = True) -> list[Sharding]:
 
 
 ACTIVATIONS_CHECKED = (
-    *("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2"),
+    *("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2", "phi3", "gpt_neox"),
     *("mixtral", "qwen3_moe", "olmoe", "qwen2_moe"),
 )
 """Families whose saved activations the per-token terms below match, in fp32 and bf16, with the
 top or every other layer training (measured with ``saved_tensors_hooks``; tests/test_memory_plan.py):
 exactly, Gemma within 4% (its norms' fp32 gains and second rotary table are per layer, not per
-token), as long as no attention window is shorter than the sequence. The other families' blocks
-save other tensors: fused projections kept whole (Phi-3), LayerNorm statistics instead of
-normalised inputs (GPT-NeoX, GPT-2), state-space scans (Bamba). At test scale
-(tests/conftest.py's tiny configs, 2 x 8 tokens) they saved 0.6x (GPT-NeoX) to 1.3x (GPT-2) of
-these terms, and Bamba 3.7x-5.3x."""
+token), as long as no attention window is shorter than the sequence. The two other families
+save more: GPT-2 (dropout masks, its tanh-approximated GELU's intermediates, and attention on
+PyTorch's math path, which dropout forces) and Bamba (state-space scans). At test scale
+(tests/conftest.py's tiny configs, 2 x 8 tokens) they saved 1.3x-1.7x and 3.7x-5.6x of these terms."""
 
 
 @dataclass
@@ -192,6 +191,15 @@ class ModelShape:
     expert_intermediate: int = 0
     shared_intermediate: int = 0
     """Width of a shared expert beside the routed ones (Qwen2-MoE), 0 if none."""
+    layer_norm: bool = False
+    """LayerNorms (with bias, GPT-NeoX): each keeps its input in the compute dtype and its mean and
+    inverse deviation, not an fp32 copy or a normalised input."""
+    parallel_residual: bool = False
+    """Attention and MLP read the same layer input (GPT-NeoX), so their norms share one input."""
+    gated_mlp: bool = True
+    """A gated MLP (SwiGLU); False: one up projection and a GELU (GPT-NeoX)."""
+    fused_qkv: bool = False
+    """q, k and v come from one fused projection (Phi-3's qkv_proj)."""
     eager_attention: bool = False
     """transformers' eager attention: the model class has no SDPA (Gemma-2)."""
     attn_softcap: bool = False
@@ -285,13 +293,14 @@ def shape_from_config(
             small[i] += numel
             if i == 0 and suffix.endswith(("q_norm.weight", "k_norm.weight")):
                 qk_norms.append((suffix[-13], numel))
-            elif i == 0 and numel == cfg.hidden_size and "norm" in suffix:
+            elif i == 0 and numel == cfg.hidden_size and "norm" in suffix and suffix.endswith("weight"):
                 norms += 1
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     # a query/key norm normalises every head's vector (size head_dim) or the whole projection
     qk_width = sum((heads if which == "q" else kv_heads) * head_dim for which, _ in qk_norms)
+    inputs = [r for r in arch.block.values() if r.cols == "residual"]  # projections of the layer input
     experts = int(getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0)
     qk_vectors = sum((heads if which == "q" else kv_heads) * head_dim // size for which, size in qk_norms)
     return ModelShape(
@@ -315,6 +324,10 @@ def shape_from_config(
         model_type=cfg.model_type,
         sliding_window=_smallest_window(cfg),
         experts=experts,
+        layer_norm=any(role.norm and suffix.endswith(".bias") for suffix, role in arch.block.items()),
+        parallel_residual=bool(getattr(cfg, "use_parallel_residual", False)),
+        gated_mlp=sum(r.row_spaces.count("mlp") for r in inputs) != 1,
+        fused_qkv=sum(set(r.row_spaces) <= {"q_heads", "kv_heads"} for r in inputs) == 1,
         eager_attention=not getattr(causal_lm_class(cfg), "_supports_sdpa", True),
         attn_softcap=getattr(cfg, "attn_logit_softcapping", None) is not None,
         final_softcap=getattr(cfg, "final_logit_softcapping", None) is not None,
@@ -402,7 +415,8 @@ def mlp_activation_bytes(s: ModelShape, e: int, *, trainable: bool, zero3: bool)
     Grouped expert matmuls are not ``F.linear``, so ZeRO-3 changes only the router and shared expert."""
     d = s.hidden
     if not s.experts:
-        return 3 * s.intermediate * e + (s.intermediate * e if trainable or zero3 else 0)
+        kept = 3 if s.gated_mlp else 1  # gate, up and SiLU outputs; or the GELU's input
+        return kept * s.intermediate * e + (s.intermediate * e if trainable or zero3 else 0)
     k, me = s.experts_per_tok, s.expert_intermediate
     b = 4 * s.experts + 8 * k + 3 * 8 * k  # router: probabilities, indices; permutation, ids, index
     b += k * (3 * me * e + 4 + d * e)  # gate/up and SiLU outputs, routing weight, weighted output
@@ -425,7 +439,12 @@ def attention_activation_bytes(s: ModelShape, e: int, seq_len: int, *, trainable
     scores, so for such a model the plan is then an upper bound."""
     hd = s.head_dim
     if not s.eager_attention:
-        return e * (2 * s.heads + 2 * s.kv_heads) * hd + 4 * s.heads
+        b = e * (2 * s.heads + 2 * s.kv_heads) * hd + 4 * s.heads
+        if s.fused_qkv:
+            # v is a view of the fused q/k/v output, whose whole storage stays; the attention output
+            # is copied before the output projection, which keeps the copy when it needs it
+            b += e * (s.heads + s.kv_heads) * hd + (e * s.heads * hd if trainable or zero3 else 0)
+        return b
     b = e * 3 * s.heads * hd + s.heads * seq_len * (4 + e + (e if s.attn_softcap else 0))
     return b + (e * s.heads * hd if trainable or zero3 else 0)
 
@@ -437,12 +456,14 @@ def layer_activation_bytes(
     d = s.hidden
     norms = s.norms_per_layer
     b = 0.0
-    # each norm keeps its fp32 input and inverse RMS; the first one's input is the layer input
-    b += (norms - (0 if input_grad or not s.pre_norm else 1)) * (4 * d + 4)
+    if s.layer_norm:  # the inputs (one, shared, with a parallel residual), means and deviations
+        b += (1 if s.parallel_residual else norms) * e * d + norms * 2 * e
+    else:  # each norm keeps its fp32 input and inverse RMS; the first one's input is the layer input
+        b += (norms - (0 if input_grad or not s.pre_norm else 1)) * (4 * d + 4)
     b += 4 * s.qk_norm_width + 4 * s.qk_norm_vectors  # query/key norms: fp32 input, inverse RMS
     b += attention_activation_bytes(s, e, seq_len, trainable=trainable, zero3=zero3)
     b += mlp_activation_bytes(s, e, trainable=trainable, zero3=zero3)
-    if trainable:
+    if trainable and not s.layer_norm:
         # normalised inputs, for the norms' weight gradients
         b += (4 if s.fp32_norm_gains else e) * (norms * d + s.qk_norm_width)
     if trainable or zero3:
@@ -465,7 +486,8 @@ def activation_bytes(s: ModelShape, run: RunShape, zero3: bool) -> dict[str, flo
                 s, e, trainable=train, input_grad=input_grad, zero3=zero3, seq_len=run.seq_len
             )
         )
-    head = (4 * d + 4) + 4 * v + 8  # final norm input and inverse RMS; fp32 log-softmax; labels
+    # final norm's input and statistics; fp32 log-softmax; labels
+    head = (e * d + 2 * e if s.layer_norm else 4 * d + 4) + 4 * v + 8
     head += e * v if s.final_softcap else 0  # the tanh of soft-capped logits (Gemma-2)
     head += e * d if zero3 else 0  # ZeRO-3's linear keeps the head's input
     rope = 2 * s.head_dim * e * run.seq_len  # cos and sin of one sequence, shared by every layer
@@ -644,9 +666,10 @@ def activations_caveat(s: ModelShape, seq_len: int) -> str:
         )
     else:
         why = (
-            f"they are counted as for a Llama-style block (RMSNorm, SDPA, SwiGLU or routed experts), checked for "
+            "they are counted from the parts of a decoder block (norms, attention, MLP or routed "
+            f"experts) and checked for "
             f"{', '.join(ACTIVATIONS_CHECKED)} only; {s.model_type} blocks save other tensors, "
-            "and at test scale the other families saved 0.6x to 5.3x of the estimate"
+            "and at test scale the other families saved 1.3x to 5.6x the estimate"
         )
     return (
         f"activations are an estimate for this model, not checked against measurement: {why}. "
