@@ -328,15 +328,24 @@ def saved_activation_bytes(model, ids) -> int:
     return sum(held.values())
 
 
+@pytest.mark.parametrize("zero3", [False, True], ids=["zero12", "zero3"])
 @pytest.mark.parametrize("placement", ["top", "interleaved"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("family", FAMILIES + MOE_FAMILIES + [HYBRID])
-def test_activation_estimate_is_checked_or_the_plan_says_it_is_not(family, precision, placement):
+def test_activation_estimate_is_checked_or_the_plan_says_it_is_not(
+    family, precision, placement, zero3, monkeypatch
+):
     """Saved activations of the model as training loads it (its attention; the top half of its
-    layers trainable, or every other one, frozen layers between), against the planner's per-token
+    layers trainable, or every other one, frozen layers between; under ZeRO-3, with DeepSpeed's
+    own linear, which a ZeRO-3 load puts in place of F.linear), against the planner's per-token
     terms: within 10% for the families those terms describe; every other family's plan says its
     activations are an unchecked estimate."""
     import torch
+
+    if zero3:
+        from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+        monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap)
 
     from conftest import tiny_config
     from deus_dist.architectures import architecture_for
@@ -359,8 +368,11 @@ def test_activation_estimate_is_checked_or_the_plan_says_it_is_not(family, preci
     ids = torch.randint(0, config.vocab_size, (micro, seq), generator=torch.Generator().manual_seed(0))
     held = saved_activation_bytes(model, ids)
     shape = shape_from_config(description, new)
-    run = RunShape(gpus_per_node=1, seq_len=seq, micro_batch=micro, precision=precision)
-    planned = activation_bytes(shape, run, zero3=False)["saved"]
+    # no engine here, so no ZeRO-3 leaf hook making the lowest layer's input require grad
+    run = RunShape(
+        gpus_per_node=1, seq_len=seq, micro_batch=micro, precision=precision, zero3_leaf_layers=False
+    )
+    planned = activation_bytes(shape, run, zero3=zero3)["saved"]
     plan = make_plan(shape, run, gpu_memory_gib=80)
     caveats = [r for r in plan.reasons if "not checked against measurement" in r]
     if shape.activations_checked(seq):

@@ -151,7 +151,8 @@ ACTIVATIONS_CHECKED = (
     *("mixtral", "qwen3_moe", "olmoe", "qwen2_moe"),
 )
 """Families whose saved activations the per-token terms below match, in fp32 and bf16, with the
-top or every other layer training (measured with ``saved_tensors_hooks``; tests/test_memory_plan.py):
+top or every other layer training, with and without ZeRO-3's linear (measured with
+``saved_tensors_hooks``; tests/test_memory_plan.py):
 exactly, Gemma within 4% (its norms' fp32 gains and second rotary table are per layer, not per
 token), as long as no attention window is shorter than the sequence. The two other families
 save more: GPT-2 (dropout masks, its tanh-approximated GELU's intermediates, and attention on
