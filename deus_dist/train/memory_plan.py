@@ -219,10 +219,10 @@ class ModelShape:
     """The smallest attention window of the model's sliding-window layers (None: none)."""
 
     def activations_checked(self, seq_len: int) -> bool:
-        """Whether the activation terms are those of this model's blocks: checked against what
-        autograd saves for Llama and Mistral (``ACTIVATIONS_CHECKED``), with every attention
-        window at least ``seq_len`` (a shorter window makes SDPA take a mask, which it saves)."""
-        # transformers leaves the mask out (SDPA's is_causal) only for sequences shorter than the window
+        """Whether the activation terms are those of this model's blocks: its family is one they
+        were checked against (``ACTIVATIONS_CHECKED``) and every attention window is longer than
+        ``seq_len``. transformers leaves the mask out (SDPA's ``is_causal``) only for a sequence
+        shorter than the window; otherwise SDPA takes a mask, and keeps it."""
         window_ok = self.sliding_window is None or self.sliding_window > seq_len
         return self.model_type in ACTIVATIONS_CHECKED and window_ok
 
@@ -662,7 +662,7 @@ def activations_caveat(s: ModelShape, seq_len: int) -> str:
     """What a plan says when its activation terms are not checked for this model."""
     if s.model_type in ACTIVATIONS_CHECKED:
         why = (
-            f"its {s.sliding_window}-token attention window is shorter than --seq_len {seq_len}, "
+            f"its {s.sliding_window}-token attention window is not longer than --seq_len {seq_len}, "
             "so attention takes a mask the estimate leaves out"
         )
     else:
