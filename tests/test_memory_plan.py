@@ -242,6 +242,22 @@ def test_auto_names_the_shortfall_when_nothing_fits():
         auto({"model_type": "llama", **BASE_SHAPES["llama-3.1-70b"]}, memory=8, cuda=True)
 
 
+def test_auto_shortfall_for_an_unchecked_family_keeps_its_advice_and_adds_the_caveat():
+    """The caveat a plan appends to its reasons is not advice: with none to give, the error still
+    says what to change, and names the unchecked activations after it."""
+    from conftest import tiny_config
+    from deus_dist.errors import UserError
+    from deus_dist.train.memory_plan import auto_ds_config
+
+    gpt2 = {"model_type": "gpt2", **tiny_config("gpt2").to_dict()}
+    run = RunShape(gpus_per_node=1, seq_len=16, micro_batch=1, activation_checkpointing=True)
+    with pytest.raises(UserError) as err:
+        auto_ds_config(gpt2, set(), run, cuda=True, memory_gib=1e-6)
+    message = str(err.value)
+    assert "use more GPUs, --activation_checkpointing or a smaller --micro_batch" in message
+    assert message.endswith("beside planned_memory_gb") and "gpt2 blocks save other tensors" in message
+
+
 @pytest.mark.distributed
 def test_cpt_with_ds_config_auto_picks_a_cpu_config_and_trains(train_setup):
     from conftest import launch, read_metrics, train_args

@@ -293,7 +293,7 @@ def shape_from_config(
         if p.dim() == 1:
             small[i] += numel
             if i == 0 and suffix.endswith(("q_norm.weight", "k_norm.weight")):
-                qk_norms.append((suffix[-13], numel))
+                qk_norms.append(("q" if suffix.endswith("q_norm.weight") else "k", numel))
             elif i == 0 and numel == cfg.hidden_size and "norm" in suffix and suffix.endswith("weight"):
                 norms += 1
     heads = cfg.num_attention_heads
@@ -864,15 +864,19 @@ def auto_ds_config(
     fitting = [c for c in plan.choices if c.fits]
     plan.recommended = min(fitting, key=lambda c: SPEED_ORDER.index(c.name)).name if fitting else None
     where = "GPU" if cuda else f"rank (this machine's memory over {run.world} rank(s))"
+    # make_plan's reasons end with the activations caveat when there is one; it is not advice
+    caveat = None if shape.activations_checked(run.seq_len) else activations_caveat(shape, run.seq_len)
     if plan.recommended is None:
         best = min(plan.choices, key=lambda c: c.peak)
         budget = memory_gib * (1 - headroom)
+        advice = [r for r in plan.reasons[1:] if r != caveat]
         raise UserError(
             f"--ds_config auto: no shipped config fits {memory_gib:.1f} GiB per {where}: the smallest, "
             f"{best.name}, needs {best.peak / GiB:.1f} GiB, {(best.peak - budget) / GiB:.1f} GiB more than the "
             f"{budget:.1f} GiB usable; "
             + "; ".join(
-                plan.reasons[1:] or ["use more GPUs, --activation_checkpointing or a smaller --micro_batch"]
+                (advice or ["use more GPUs, --activation_checkpointing or a smaller --micro_batch"])
+                + ([caveat] if caveat else [])
             )
         )
     chosen = next(c for c in plan.choices if c.name == plan.recommended)
@@ -882,6 +886,6 @@ def auto_ds_config(
         f"{chosen.peak / GiB:.2f} GiB planned per {where} of {memory_gib:.1f} GiB less {headroom:.0%} headroom "
         f"(others, GiB: {others})"
     )
-    if not shape.activations_checked(run.seq_len):
-        why += "; " + activations_caveat(shape, run.seq_len)
+    if caveat:
+        why += "; " + caveat
     return DS_CONFIGS / chosen.config, why
