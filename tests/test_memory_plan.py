@@ -7,6 +7,7 @@ import json
 import subprocess
 
 import pytest
+from helpers.saved_activations import SavedActivations
 
 from conftest import FAMILIES, HYBRID, MOE_FAMILIES, REPO, launch_cmd, launch_env
 from deus_dist.cli.plan_memory import PlanMemoryConfig, build, main
@@ -320,30 +321,6 @@ def test_every_family_is_sized(family):
     assert all(plan_choice(shape, run, sh).peak > 0 for sh in shardings(cuda=False))
 
 
-def saved_activation_bytes(model, ids) -> int:
-    """Bytes autograd still holds at the end of a training forward: tensors saved for backward,
-    counted once per storage, parameters left out (as tests/helpers/measure_memory.py counts)."""
-    import weakref
-
-    import torch
-
-    params = {p.untyped_storage()._cdata for p in model.parameters()}
-    saved = []
-
-    def pack(t):
-        if not isinstance(t, torch.nn.Parameter) and t.numel():
-            st = t.untyped_storage()
-            if st._cdata not in params:
-                saved.append((weakref.ref(t), st._cdata, st.nbytes()))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).loss
-    held = {key: nbytes for ref, key, nbytes in saved if ref() is not None}
-    del loss
-    return sum(held.values())
-
-
 @pytest.mark.parametrize("zero3", [False, True], ids=["zero12", "zero3"])
 @pytest.mark.parametrize("placement", ["top", "interleaved"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -382,7 +359,10 @@ def test_activation_estimate_is_checked_or_the_plan_says_it_is_not(
         p.requires_grad_(split is not None and split[0] in new)
     seq, micro = 8, 2  # shorter than the tiny configs' 16-token windows: no attention mask
     ids = torch.randint(0, config.vocab_size, (micro, seq), generator=torch.Generator().manual_seed(0))
-    held = saved_activation_bytes(model, ids)
+    with SavedActivations(model.parameters()) as saved:
+        loss = model(input_ids=ids, labels=ids).loss
+    held = saved.held()
+    del loss
     shape = shape_from_config(description, new)
     # no engine here, so no ZeRO-3 leaf hook making the lowest layer's input require grad
     run = RunShape(

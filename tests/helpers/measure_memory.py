@@ -18,11 +18,11 @@ import gc
 import json
 import os
 import sys
-import weakref
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch  # noqa: E402
+from saved_activations import SavedActivations  # noqa: E402  (beside this script)
 
 from deus_dist.train.dist import init_distributed  # noqa: E402
 from deus_dist.train.ds_config import load_ds_config, resolve_ds_config  # noqa: E402
@@ -121,15 +121,6 @@ def measure(case, spec, env, repo) -> dict:
             hooks.append(m.register_forward_pre_hook(watch))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (spec["micro_batch"], spec["seq_len"]), generator=g)
-    saved = []
-
-    def pack(t):
-        if isinstance(t, torch.nn.Parameter) or not t.numel():
-            return t
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in {p.data.untyped_storage().data_ptr() for p in params if p.data.numel()}:
-            saved.append((weakref.ref(t), ptr, t.untyped_storage().nbytes()))
-        return t
 
     buckets: dict[int, int] = {}
     if stage < 3:  # ZeRO-1/2 allocate their buckets in backward and free them after it
@@ -140,12 +131,11 @@ def measure(case, spec, env, repo) -> dict:
             return reduce(*a, **k)
 
         opt.reduce_ipg_grads = reduce_and_record
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedActivations(params) as saved:
         loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
     for h in hooks:
         h.remove()
-    alive = {ptr: nb for ref, ptr, nb in saved if ref() is not None}
-    activations = sum(alive.values())
+    activations = saved.held()
     engine.backward(loss)
     grad_tensors = [p.grad for p in params if p.requires_grad and p.grad is not None]
     for name in ("grad_partitions_flat_buffer", "grads_in_partition", "averaged_gradients"):
