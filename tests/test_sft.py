@@ -179,6 +179,115 @@ def test_a_packed_conversation_has_the_losses_it_has_alone(tmp_path):
     assert writer.close() == 3
 
 
+def _reference_flash_kernels():
+    """FlashAttention's two entry points as transformers calls them, computed with PyTorch's SDPA:
+    ``flash_attn_func`` on [batch, seq, heads, dim] and ``flash_attn_varlen_func`` on the tokens of
+    every sequence laid end to end, with their boundaries in ``cu_seqlens``; k/v may have fewer
+    heads (grouped-query attention), as the kernels allow."""
+    import torch.nn.functional as F
+
+    def flash(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+        out = F.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal, scale=softmax_scale, enable_gqa=True
+        )
+        return out.transpose(1, 2)
+
+    def varlen(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        dropout_p=0.0,
+        softmax_scale=None,
+        causal=False,
+    ):
+        assert torch.equal(cu_seqlens_q, cu_seqlens_k)
+        bounds = cu_seqlens_q.tolist()
+        parts = [
+            flash(q[None, a:b], k[None, a:b], v[None, a:b], softmax_scale=softmax_scale, causal=causal)[0]
+            for a, b in zip(bounds, bounds[1:], strict=False)
+        ]
+        return torch.cat(parts)
+
+    return flash, varlen
+
+
+def test_packed_rows_keep_to_their_conversations_under_flash_attention(tmp_path, monkeypatch):
+    """On GPUs with flash-attn installed the launcher trains with FlashAttention 2. transformers
+    finds packed conversations from position ids only in a batch of one row
+    (``_is_packed_sequence``): a micro-batch of several packed rows would attend across
+    conversations. ``model_inputs`` hands it such a micro-batch as one row. transformers' own
+    FlashAttention path runs here on reference kernels (CPU, SDPA per sequence): every token's
+    loss in a 2-row packed micro-batch equals its loss with its conversation alone, and the rows
+    as they are (not flattened) do not, which is the failure this guards."""
+    import transformers.modeling_flash_attention_utils as fa
+    from transformers import AutoModelForCausalLM
+
+    from deus_dist.train.chat_data import RowWriter
+    from deus_dist.train.model import model_inputs
+    from deus_dist.train.pipeline import Split
+
+    flash, varlen = _reference_flash_kernels()
+    monkeypatch.setattr(
+        fa, "_lazy_imports", lambda *a, **k: (flash, varlen, None, fa._pad_input, fa._unpad_input)
+    )
+    monkeypatch.setattr(fa, "_loaded_implementation", None)
+    model = AutoModelForCausalLM.from_pretrained(make_tiny(tmp_path / "m"), attn_implementation="sdpa").eval()
+    g = torch.Generator().manual_seed(1)
+    convs = []
+    for n in (23, 17, 30, 12, 25):  # rows of 40 tokens: [23, 17], [30], [12, 25]
+        ids = torch.randint(2, 128, (n,), generator=g).tolist()
+        convs.append((ids, [IGNORE] * 3 + ids[3:]))
+    writer = RowWriter(tmp_path, "t", 40, pad=0, packing=True)
+    for ids, labels in convs:
+        writer.add(ids, labels)
+    rows = writer.close()
+    assert rows == 3
+    split = Split(
+        **{
+            k: np.fromfile(tmp_path / f"t_{f}.bin", dtype=np.int32).reshape(rows, 40)
+            for k, f in (("ids", "ids"), ("labels", "labels"), ("positions", "pos"))
+        },
+        counts=np.asarray(writer.counts),
+    )
+
+    def alone(ids, labels):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, :-1]
+        return torch.nn.functional.cross_entropy(
+            logits, torch.tensor(labels[1:]), reduction="none", ignore_index=IGNORE
+        )
+
+    def losses(batch):
+        """Per-token losses of ``batch`` (its rows end to end), and the model's mean loss."""
+        with torch.no_grad():
+            out = model(**batch, use_cache=False)
+        logits, labels = out.logits.flatten(0, 1)[:-1], batch["labels"].flatten()[1:]
+        return torch.nn.functional.cross_entropy(
+            logits, labels, reduction="none", ignore_index=IGNORE
+        ), out.loss
+
+    model.config._attn_implementation = "flash_attention_2"
+    batch = split.batch([0, 2])  # rows [23, 17] and [12, 25]: 40 and 37 tokens
+    fed = model_inputs(model, batch)
+    assert fed["input_ids"].shape == (1, 80) and fa._is_packed_sequence(fed["position_ids"], 1)
+    flat, mean = losses(fed)
+    expected = [alone(*convs[i]) for i in (0, 1, 3, 4)]
+    starts = [0, 23, 40, 52]
+    for start, want in zip(starts, expected, strict=True):
+        torch.testing.assert_close(flat[start : start + len(want)], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean, torch.cat(expected).sum() / split.targets([0, 2]), rtol=1e-5, atol=1e-5)
+    # as the rows came, transformers' FlashAttention path takes them for one sequence each
+    unflat, _ = losses(batch)
+    assert not torch.allclose(unflat[23 : 23 + len(expected[1])], expected[1], atol=1e-3)
+    # the same micro-batch under SDPA is left as it is (its mask keeps the conversations apart)
+    model.config._attn_implementation = "sdpa"
+    assert model_inputs(model, batch) is batch
+
+
 def test_pipeline_counts_drops_and_caches(tmp_path, up):
     """ShareGPT records with every kind of defect: the good ones are kept, the rest counted by
     reason; the cache key does not depend on the path of the data."""

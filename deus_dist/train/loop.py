@@ -31,7 +31,7 @@ from deus_dist.train import checkpointing
 from deus_dist.train.checkpointing import TrainState
 from deus_dist.train.dist import DistEnv, all_mean, any_rank
 from deus_dist.train.metrics import Metrics, format_record, peak_memory_gb
-from deus_dist.train.model import router_aux_coef
+from deus_dist.train.model import model_inputs, router_aux_coef
 from deus_dist.train.pipeline import PackedData
 
 
@@ -89,7 +89,7 @@ def evaluate(engine, data: PackedData, cfg: TrainConfig, env: DistEnv) -> float:
     for start in range(0, per_rank, cfg.micro_batch):
         rows = [env.rank + env.world_size * i for i in range(start, min(per_rank, start + cfg.micro_batch))]
         # num_items_in_batch=1: the model returns the sum over target tokens, counted exactly
-        batch = _on(env.device, data.eval.batch(rows))
+        batch = _on(env.device, model_inputs(engine.module, data.eval.batch(rows)))
         loss = engine(**batch, use_cache=False, num_items_in_batch=1, **router).loss
         total += torch.tensor([loss.item(), data.eval.targets(rows)], dtype=torch.float64, device=env.device)
     engine.train()
@@ -142,7 +142,7 @@ def train(
             losses, aux_losses = [], []
             for micro in range(cfg.grad_accum):
                 position = state.consumed + (micro * env.world_size + env.rank) * cfg.micro_batch
-                batch = _on(env.device, data.batch(position, cfg.micro_batch))
+                batch = _on(env.device, model_inputs(engine.module, data.batch(position, cfg.micro_batch)))
                 out = engine(**batch, use_cache=False, num_items_in_batch=share, **router)
                 engine.backward(out.loss)
                 engine.step()  # DeepSpeed updates only at the accumulation boundary

@@ -64,6 +64,29 @@ def attention_implementation(ds: dict, model_class=None) -> str:
     return "sdpa" if supports("_supports_sdpa") else "eager"
 
 
+def model_inputs(model, batch: dict) -> dict:
+    """``batch`` as ``model``'s attention keeps packed conversations apart.
+
+    SDPA and eager attention get a block-diagonal mask that transformers builds from the restarting
+    position ids, row by row. Its FlashAttention path finds packed sequences only in a batch of one
+    row (``modeling_flash_attention_utils._is_packed_sequence``, transformers 5.24); in a batch of
+    several rows it would attend across conversations. So a micro-batch of packed rows goes to
+    FlashAttention as one row of all its tokens. The varlen kernel then keeps each conversation,
+    and each row's padding, to itself, at the cost of the separate rows. Each row's first label is
+    made IGNORE first: in one row the previous row's last token would predict it, and as separate
+    rows no token does (packed rows start with a conversation, whose first label is IGNORE anyway).
+    """
+    from deus_dist.train.pipeline import IGNORE
+
+    implementation = getattr(model.config, "_attn_implementation", None) or ""
+    rows = batch["input_ids"].shape[0]
+    if "flash" not in implementation or "position_ids" not in batch or "attention_mask" in batch or rows == 1:
+        return batch
+    labels = batch["labels"].clone()
+    labels[:, 0] = IGNORE
+    return {k: v.reshape(1, -1) for k, v in {**batch, "labels": labels}.items()}
+
+
 def load_model(source, ds: dict, activation_checkpointing: bool):
     """(model, hf_ds_config): ``source`` is a checkpoint directory, or a transformers config (random
     weights, for benchmarks). Under ZeRO-3 the weights are partitioned as they load."""
