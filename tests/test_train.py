@@ -573,6 +573,49 @@ def test_moe_mfu_counts_the_experts_a_token_uses_and_the_stacked_parameters_that
     assert head == 128 * 64
 
 
+def test_attention_on_a_gpu_is_flash_attention_where_installed_the_dtype_allows_and_the_class_has_it(
+    monkeypatch,
+):
+    """The GPU half of the loader's choice, on CPU: a GPU with flash-attn installed and a 16-bit
+    compute dtype gets FlashAttention 2 for a class that supports it; fp32, a missing flash-attn or
+    a class without it fall back to SDPA, and a class without SDPA to eager."""
+    import importlib.util
+
+    import torch
+
+    from deus_dist.train.model import attention_implementation
+
+    class Flash:
+        _supports_flash_attn, _supports_sdpa = True, True
+
+    class SdpaOnly:
+        _supports_flash_attn, _supports_sdpa = False, True
+
+    class EagerOnly:
+        _supports_flash_attn, _supports_sdpa = False, False
+
+    bf16 = resolve(load_ds_config(REPO / "ds_configs" / "zero2.json"), precision="bf16")
+    fp32 = resolve(load_ds_config(REPO / "ds_configs" / "zero2.json"), precision="fp32")
+    find_spec = importlib.util.find_spec
+
+    def flash_attn_installed(yes: bool):
+        fake = object() if yes else None
+        monkeypatch.setattr(
+            importlib.util,
+            "find_spec",
+            lambda name, *a: fake if name == "flash_attn" else find_spec(name, *a),
+        )
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    flash_attn_installed(True)
+    assert attention_implementation(bf16, Flash) == "flash_attention_2"
+    assert attention_implementation(fp32, Flash) == "sdpa"
+    assert attention_implementation(bf16, SdpaOnly) == "sdpa"
+    assert attention_implementation(bf16, EagerOnly) == "eager"
+    flash_attn_installed(False)
+    assert attention_implementation(bf16, Flash) == "sdpa"
+
+
 @pytest.mark.parametrize("family", FAMILIES + MOE_FAMILIES + [HYBRID])
 def test_every_family_loads_for_training_with_an_attention_it_supports(tmp_path, family):
     """The launcher's loader asks each model class for SDPA and falls back to eager attention where
