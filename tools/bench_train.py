@@ -110,12 +110,25 @@ class Timer:
         return [1000 * (b - a) for a, b in zip(m, m[1:], strict=False)]
 
 
+def attention(config, cuda: bool) -> str:
+    """The attention the engine's loader picks for this shape (train.model.attention_implementation:
+    FlashAttention 2 on GPUs where flash-attn is installed), so plain PyTorch runs the same kernels."""
+    from deus_dist.train.model import attention_implementation, causal_lm_class
+
+    precision = {"bf16": {"enabled": cuda}, "fp16": {"enabled": False}}
+    return attention_implementation(precision, causal_lm_class(config))
+
+
 def plain_run(config, chosen_prefixes, device, lr):
     from transformers import AutoModelForCausalLM
 
     cuda = device.type == "cuda"
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32)
+        model = AutoModelForCausalLM.from_config(
+            config,
+            dtype=torch.bfloat16 if cuda else torch.float32,
+            attn_implementation=attention(config, cuda),
+        )
     model.config.use_cache = False
     chosen = chosen_names(model, chosen_prefixes)
     params = []
@@ -343,7 +356,8 @@ def main(argv=None) -> int:
     )
     print(
         f"device {name}; shape {args.shape}: {base_layers(shape)} -> {config.num_hidden_layers} layers, "
-        f"d={config.hidden_size}, micro-batch {micro} x {seq_len} tokens; ds_config {args.ds_config}"
+        f"d={config.hidden_size}, micro-batch {micro} x {seq_len} tokens, {attention(config, cuda)} attention; "
+        f"ds_config {args.ds_config}"
     )
     print(
         f"{'run':22} {'trainable':>11} {'tokens/s':>10} {'step ms':>9} {'fwd':>8} {'bwd':>8} {'opt':>8} {'peak GB':>8}"
