@@ -296,6 +296,55 @@ def pytest_collection_modifyitems(config, items):
 # -- training ------------------------------------------------------------------------------------
 
 
+def packed_conversations(folder: Path, lengths: list[int], seq_len: int, seed: int = 0):
+    """(conversations, split): random conversations of ``lengths`` tokens (their first 3 tokens
+    prompt, never targets) packed end to end into ``seq_len`` rows by the SFT pipeline's RowWriter,
+    read back as the loop's Split."""
+    import numpy as np
+
+    from deus_dist.train.chat_data import RowWriter
+    from deus_dist.train.pipeline import IGNORE, Split
+
+    g = torch.Generator().manual_seed(seed)
+    convs = []
+    for n in lengths:
+        ids = torch.randint(2, 128, (n,), generator=g).tolist()
+        convs.append((ids, [IGNORE] * 3 + ids[3:]))
+    writer = RowWriter(folder, "packed", seq_len, pad=0, packing=True)
+    for ids, labels in convs:
+        writer.add(ids, labels)
+    rows = writer.close()
+
+    def read(name: str):
+        return np.fromfile(folder / f"packed_{name}.bin", dtype=np.int32).reshape(rows, seq_len)
+
+    split = Split(
+        ids=read("ids"), labels=read("labels"), positions=read("pos"), counts=np.asarray(writer.counts)
+    )
+    return convs, split
+
+
+def alone_losses(model, ids: list[int], labels: list[int]) -> torch.Tensor:
+    """Each target's loss with its conversation alone in a batch (0 where no target)."""
+    from deus_dist.train.pipeline import IGNORE
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids], device=model.device), use_cache=False).logits[0, :-1]
+    targets = torch.tensor(labels[1:], device=logits.device)
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none", ignore_index=IGNORE)
+
+
+def batch_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each target's loss in ``batch`` (its rows end to end), and the model's mean loss."""
+    from deus_dist.train.pipeline import IGNORE
+
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    with torch.no_grad():
+        out = model(**batch, use_cache=False)
+    logits, labels = out.logits.flatten(0, 1)[:-1].float(), batch["labels"].flatten()[1:]
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE), out.loss
+
+
 def make_training_model(root: Path, family: str = "llama") -> Path:
     """A tiny character-level base up-scaled 6 -> 9 layers by opt-deus (zero-init new blocks)."""
     base = make_tiny(root / "base", family)

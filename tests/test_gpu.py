@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import fuse, make_tiny, state_dict
+from conftest import alone_losses, batch_losses, fuse, make_tiny, packed_conversations, state_dict
 from deus_dist.ot.solvers import pairwise_sq_dist, transport_plan
 
 pytestmark = pytest.mark.gpu
@@ -54,3 +54,29 @@ def test_fuse_on_cuda_matches_cpu(tmp_path, solver):
     a, b = state_dict(tmp_path / "cpu"), state_dict(tmp_path / "cuda")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-4)
+
+
+def test_packed_micro_batch_under_flash_attention_keeps_conversations_apart(tmp_path):
+    """What the launcher feeds FlashAttention 2 for a packed micro-batch of 2 rows
+    (``model_inputs``: one row of all its tokens) gives every token, in bf16, the loss it has with
+    its conversation alone (tests/test_sft.py checks the same on CPU with reference kernels)."""
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash-attn is not installed")
+    from transformers import AutoModelForCausalLM
+
+    from deus_dist.train.model import model_inputs
+
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            make_tiny(tmp_path / "m"), attn_implementation="flash_attention_2", dtype=torch.bfloat16
+        )
+        .cuda()
+        .eval()
+    )
+    convs, split = packed_conversations(tmp_path, [23, 17, 30, 12, 25], seq_len=40, seed=1)
+    flat, _ = batch_losses(model, model_inputs(model, split.batch([0, 2])))
+    for start, i in zip([0, 23, 40, 52], (0, 1, 3, 4), strict=True):
+        want = alone_losses(model, *convs[i])
+        torch.testing.assert_close(flat[start : start + len(want)], want, rtol=0.02, atol=0.05)

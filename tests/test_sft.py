@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny, make_training_model
+from conftest import alone_losses, batch_losses, make_tiny, make_training_model, packed_conversations
 from deus_dist.errors import UserError
 from deus_dist.train.chat_data import (
     CHATML,
@@ -136,40 +135,17 @@ def test_a_packed_conversation_has_the_losses_it_has_alone(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from deus_dist.train.chat_data import RowWriter
-    from deus_dist.train.pipeline import Split
 
-    base = make_tiny(tmp_path / "m")
-    model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa").eval()
-    g = torch.Generator().manual_seed(0)
-    convs = []
-    for n in (23, 17, 30):
-        ids = torch.randint(2, 128, (n,), generator=g).tolist()
-        labels = [IGNORE] * 5 + ids[5:]
-        convs.append((ids, labels))
-    writer = RowWriter(tmp_path, "t", 80, pad=0, packing=True)
-    for ids, labels in convs:
-        writer.add(ids, labels)
-    assert writer.close() == 1
-    row = Split(
-        ids=np.fromfile(tmp_path / "t_ids.bin", dtype=np.int32).reshape(1, 80),
-        labels=np.fromfile(tmp_path / "t_labels.bin", dtype=np.int32).reshape(1, 80),
-        positions=np.fromfile(tmp_path / "t_pos.bin", dtype=np.int32).reshape(1, 80),
-        counts=np.asarray(writer.counts),
-    )
+    model = AutoModelForCausalLM.from_pretrained(make_tiny(tmp_path / "m"), attn_implementation="sdpa").eval()
+    convs, row = packed_conversations(tmp_path, [23, 17, 30], seq_len=80)
+    assert len(row) == 1
     batch = row.batch([0])
-    assert row.targets([0]) == sum(len(ids) - 5 for ids, _ in convs)
-
-    def token_losses(input_ids, labels, **kw):
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, use_cache=False, **kw).logits[0, :-1]
-        return torch.nn.functional.cross_entropy(logits, labels[0, 1:], reduction="none", ignore_index=IGNORE)
-
-    packed = token_losses(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
+    assert row.targets([0]) == sum(len(ids) - 3 for ids, _ in convs)
+    packed, _ = batch_losses(model, batch)
     start = 0
     for ids, labels in convs:
-        alone = token_losses(torch.tensor([ids]), torch.tensor([labels]))
-        inside = packed[start : start + len(ids) - 1]
-        torch.testing.assert_close(inside, alone, rtol=1e-5, atol=1e-5)
+        alone = alone_losses(model, ids, labels)
+        torch.testing.assert_close(packed[start : start + len(ids) - 1], alone, rtol=1e-5, atol=1e-5)
         assert batch["labels"][0, start].item() == IGNORE  # first token: no target across the boundary
         start += len(ids)
     # without packing the same rows hold one conversation each, padding masked and never a target
@@ -222,13 +198,12 @@ def test_packed_rows_keep_to_their_conversations_under_flash_attention(tmp_path,
     conversations. ``model_inputs`` hands it such a micro-batch as one row. transformers' own
     FlashAttention path runs here on reference kernels (CPU, SDPA per sequence): every token's
     loss in a 2-row packed micro-batch equals its loss with its conversation alone, and the rows
-    as they are (not flattened) do not, which is the failure this guards."""
+    as they are (not flattened) do not, which is the failure this guards. tests/test_gpu.py runs
+    the same on a GPU with the real kernels."""
     import transformers.modeling_flash_attention_utils as fa
     from transformers import AutoModelForCausalLM
 
-    from deus_dist.train.chat_data import RowWriter
     from deus_dist.train.model import model_inputs
-    from deus_dist.train.pipeline import Split
 
     flash, varlen = _reference_flash_kernels()
     monkeypatch.setattr(
@@ -236,52 +211,20 @@ def test_packed_rows_keep_to_their_conversations_under_flash_attention(tmp_path,
     )
     monkeypatch.setattr(fa, "_loaded_implementation", None)
     model = AutoModelForCausalLM.from_pretrained(make_tiny(tmp_path / "m"), attn_implementation="sdpa").eval()
-    g = torch.Generator().manual_seed(1)
-    convs = []
-    for n in (23, 17, 30, 12, 25):  # rows of 40 tokens: [23, 17], [30], [12, 25]
-        ids = torch.randint(2, 128, (n,), generator=g).tolist()
-        convs.append((ids, [IGNORE] * 3 + ids[3:]))
-    writer = RowWriter(tmp_path, "t", 40, pad=0, packing=True)
-    for ids, labels in convs:
-        writer.add(ids, labels)
-    rows = writer.close()
-    assert rows == 3
-    split = Split(
-        **{
-            k: np.fromfile(tmp_path / f"t_{f}.bin", dtype=np.int32).reshape(rows, 40)
-            for k, f in (("ids", "ids"), ("labels", "labels"), ("positions", "pos"))
-        },
-        counts=np.asarray(writer.counts),
-    )
-
-    def alone(ids, labels):
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, :-1]
-        return torch.nn.functional.cross_entropy(
-            logits, torch.tensor(labels[1:]), reduction="none", ignore_index=IGNORE
-        )
-
-    def losses(batch):
-        """Per-token losses of ``batch`` (its rows end to end), and the model's mean loss."""
-        with torch.no_grad():
-            out = model(**batch, use_cache=False)
-        logits, labels = out.logits.flatten(0, 1)[:-1], batch["labels"].flatten()[1:]
-        return torch.nn.functional.cross_entropy(
-            logits, labels, reduction="none", ignore_index=IGNORE
-        ), out.loss
-
+    # rows of 40 tokens: [23, 17], [30], [12, 25] (and 3 tokens of padding)
+    convs, split = packed_conversations(tmp_path, [23, 17, 30, 12, 25], seq_len=40, seed=1)
+    assert len(split) == 3
     model.config._attn_implementation = "flash_attention_2"
-    batch = split.batch([0, 2])  # rows [23, 17] and [12, 25]: 40 and 37 tokens
+    batch = split.batch([0, 2])
     fed = model_inputs(model, batch)
     assert fed["input_ids"].shape == (1, 80) and fa._is_packed_sequence(fed["position_ids"], 1)
-    flat, mean = losses(fed)
-    expected = [alone(*convs[i]) for i in (0, 1, 3, 4)]
-    starts = [0, 23, 40, 52]
-    for start, want in zip(starts, expected, strict=True):
+    flat, mean = batch_losses(model, fed)
+    expected = [alone_losses(model, *convs[i]) for i in (0, 1, 3, 4)]
+    for start, want in zip([0, 23, 40, 52], expected, strict=True):
         torch.testing.assert_close(flat[start : start + len(want)], want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mean, torch.cat(expected).sum() / split.targets([0, 2]), rtol=1e-5, atol=1e-5)
-    # as the rows came, transformers' FlashAttention path takes them for one sequence each
-    unflat, _ = losses(batch)
+    # as the rows came, transformers' FlashAttention path takes each row for one sequence
+    unflat, _ = batch_losses(model, batch)
     assert not torch.allclose(unflat[23 : 23 + len(expected[1])], expected[1], atol=1e-3)
     # the same micro-batch under SDPA is left as it is (its mask keeps the conversations apart)
     model.config._attn_implementation = "sdpa"
