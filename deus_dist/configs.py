@@ -301,7 +301,8 @@ class ChatDataOptions(DataOptions):
     """Compute the loss on every token, not only on the assistant turns."""
     packing: bool = True
     """Several conversations per sequence, each with its own positions and no attention across
-    them (--no_packing: one conversation per sequence, padded; padding never counts)."""
+    them (--no_packing: one conversation per sequence, padded; padding never counts). A hybrid
+    with Mamba layers packs only where the mamba-ssm and causal-conv1d kernels are installed."""
     truncation: Literal["turn", "drop"] = "turn"
     """A conversation longer than --seq_len is cut after its last whole assistant turn that fits
     (turn), or dropped (drop)."""

@@ -80,3 +80,26 @@ def test_packed_micro_batch_under_flash_attention_keeps_conversations_apart(tmp_
     for start, i in zip([0, 23, 40, 52], (0, 1, 3, 4), strict=True):
         want = alone_losses(model, *convs[i])
         torch.testing.assert_close(flat[start : start + len(want)], want, rtol=0.02, atol=0.05)
+
+
+def test_packed_micro_batch_of_a_hybrid_keeps_conversations_apart_with_the_mamba_kernels(tmp_path):
+    """A hybrid's Mamba layers restart their state at every packed conversation when the kernels
+    get ``seq_idx`` from ``model_inputs`` (tests/test_sft.py emulates the kernels on CPU)."""
+    from deus_dist.train.model import missing_packed_sequence_kernels, model_inputs
+
+    if missing_packed_sequence_kernels():
+        pytest.skip(f"not installed: {', '.join(missing_packed_sequence_kernels())}")
+    from transformers import AutoModelForCausalLM
+
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            make_tiny(tmp_path / "m", "bamba"), attn_implementation="sdpa", dtype=torch.bfloat16
+        )
+        .cuda()
+        .eval()
+    )
+    convs, split = packed_conversations(tmp_path, [23, 17, 30, 12, 25], seq_len=40, seed=2)
+    losses, _ = batch_losses(model, model_inputs(model, split.batch([0, 2])))
+    for start, i in zip([0, 23, 40, 52], (0, 1, 3, 4), strict=True):
+        want = alone_losses(model, *convs[i])
+        torch.testing.assert_close(losses[start : start + len(want)], want, rtol=0.02, atol=0.05)

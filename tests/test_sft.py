@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import alone_losses, batch_losses, make_tiny, make_training_model, packed_conversations
+from conftest import (
+    add_char_tokenizer,
+    alone_losses,
+    batch_losses,
+    fuse,
+    make_tiny,
+    make_training_model,
+    packed_conversations,
+)
 from deus_dist.errors import UserError
 from deus_dist.train.chat_data import (
     CHATML,
@@ -229,6 +237,88 @@ def test_packed_rows_keep_to_their_conversations_under_flash_attention(tmp_path,
     # the same micro-batch under SDPA is left as it is (its mask keeps the conversations apart)
     model.config._attn_implementation = "sdpa"
     assert model_inputs(model, batch) is batch
+
+
+def _mixer_honouring_seq_idx(monkeypatch):
+    """Bamba's Mamba mixer as the mamba-ssm / causal-conv1d kernels run it when given ``seq_idx``:
+    state restarted at every sequence (here: transformers' PyTorch mixer run on each sequence of a
+    row separately). Without the kernels transformers refuses ``seq_idx`` rather than ignore it."""
+    from transformers.models.bamba.modeling_bamba import BambaMixer
+
+    original = BambaMixer.forward
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, seq_idx=None, **kwargs):
+        if seq_idx is None:
+            return original(self, hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+        rows = []
+        for b, ids in enumerate(seq_idx):
+            cuts = [0, *(torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1).tolist(), len(ids)]
+            parts = [
+                original(self, hidden_states[b : b + 1, i:j], **kwargs)
+                for i, j in zip(cuts, cuts[1:], strict=False)
+            ]
+            rows.append(torch.cat(parts, dim=1))
+        return torch.cat(rows)
+
+    monkeypatch.setattr(BambaMixer, "forward", forward)
+
+
+def test_packed_conversations_stay_apart_in_a_hybrids_recurrent_layers(tmp_path, monkeypatch):
+    """A hybrid's Mamba layers carry their state along a row whatever the attention mask: packed,
+    a conversation's losses depend on the one before it. ``model_inputs`` gives them ``seq_idx``
+    (each token's conversation in its row), which reaches the mixer through transformers' kwargs;
+    with the kernels honouring it (emulated on CPU) every token's loss equals its loss alone."""
+    from transformers import AutoModelForCausalLM
+
+    from deus_dist.train.model import model_inputs
+
+    model = AutoModelForCausalLM.from_pretrained(
+        make_tiny(tmp_path / "m", "bamba"), attn_implementation="sdpa"
+    ).eval()
+    convs, split = packed_conversations(tmp_path, [23, 17, 30, 12, 25], seq_len=40, seed=2)
+    batch = split.batch([0, 2])  # rows [23, 17] and [12, 25] (and 3 tokens of padding)
+    fed = model_inputs(model, batch)
+    assert fed["seq_idx"].dtype == torch.int32
+    assert fed["seq_idx"].tolist() == [[0] * 23 + [1] * 17, [0] * 12 + [1] * 25 + [2] * 3]
+    expected = [alone_losses(model, *convs[i]) for i in (0, 1, 3, 4)]
+    leaked, _ = batch_losses(model, batch)  # the rows as they came: the state runs on
+    assert not torch.allclose(leaked[23 : 23 + len(expected[1])], expected[1], atol=1e-3)
+    _mixer_honouring_seq_idx(monkeypatch)
+    losses, _ = batch_losses(model, fed)
+    for start, want in zip([0, 23, 40, 52], expected, strict=True):
+        torch.testing.assert_close(losses[start : start + len(want)], want, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_a_hybrid_without_its_kernels_is_refused_naming_no_packing(tmp_path, capsys):
+    """Here (no mamba-ssm, no causal-conv1d) a packed hybrid would leak state between
+    conversations, and transformers' fallbacks refuse ``seq_idx``: --packing (the default) is
+    refused up front, naming --no_packing, before any data is laid out."""
+    from deus_dist.train.model import missing_packed_sequence_kernels
+
+    if not missing_packed_sequence_kernels():
+        pytest.skip("the kernels are installed: packing a hybrid trains")
+    base, up = make_tiny(tmp_path / "base", "bamba"), tmp_path / "up"
+    add_char_tokenizer(base)
+    assert fuse("--model", base, "--out", up, "--positions", "2", "--quiet") == 0  # two attention layers
+    chats = tmp_path / "chats.jsonl"
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    chats.write_text(json.dumps({"messages": turns}) + "\n")
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    common = [
+        "--model",
+        up,
+        "--data",
+        chats,
+        "--chat_template",
+        "chatml",
+        "--output_dir",
+        run,
+        "--data_cache",
+        cache,
+    ]
+    err = _errors(capsys, *common)
+    assert "--packing: this bamba model has recurrent (state-space) layers" in err and "--no_packing" in err
+    assert not run.exists() and not [p for p in cache.glob("*") if not p.name.startswith(".")]
 
 
 def test_pipeline_counts_drops_and_caches(tmp_path, up):

@@ -64,27 +64,54 @@ def attention_implementation(ds: dict, model_class=None) -> str:
     return "sdpa" if supports("_supports_sdpa") else "eager"
 
 
-def model_inputs(model, batch: dict) -> dict:
-    """``batch`` as ``model``'s attention keeps packed conversations apart.
+RECURRENT = "linear_attention"
+"""transformers' layer type of a recurrent layer (a Mamba state-space layer of a hybrid such as Bamba)."""
+PACKED_SEQUENCE_KERNELS = ("mamba_ssm", "causal_conv1d")
+"""The packages whose kernels keep packed sequences apart inside recurrent layers (transformers'
+PyTorch fallbacks cannot, and refuse the sequence index that asks them to)."""
 
-    SDPA and eager attention get a block-diagonal mask that transformers builds from the restarting
-    position ids, row by row. Its FlashAttention path finds packed sequences only in a batch of one
-    row (``modeling_flash_attention_utils._is_packed_sequence``, transformers 5.24); in a batch of
-    several rows it would attend across conversations. So a micro-batch of packed rows goes to
-    FlashAttention as one row of all its tokens. The varlen kernel then keeps each conversation,
-    and each row's padding, to itself, at the cost of the separate rows. Each row's first label is
-    made IGNORE first: in one row the previous row's last token would predict it, and as separate
-    rows no token does (packed rows start with a conversation, whose first label is IGNORE anyway).
+
+def recurrent_layers(config) -> bool:
+    """Whether a transformers config has recurrent layers."""
+    return RECURRENT in (getattr(config, "layer_types", None) or ())
+
+
+def missing_packed_sequence_kernels() -> list[str]:
+    import importlib.util
+
+    return [name for name in PACKED_SEQUENCE_KERNELS if importlib.util.find_spec(name) is None]
+
+
+def model_inputs(model, batch: dict) -> dict:
+    """``batch`` as ``model``'s layers keep packed conversations apart.
+
+    - **Attention.** SDPA and eager attention get a block-diagonal mask that transformers builds
+      from the restarting position ids, row by row. Its FlashAttention path finds packed sequences
+      only in a batch of one row (``modeling_flash_attention_utils._is_packed_sequence``,
+      transformers 5.24); in a batch of several rows it would attend across conversations. So a
+      micro-batch of packed rows goes to FlashAttention as one row of all its tokens. The varlen
+      kernel then keeps each conversation, and each row's padding, to itself, at the cost of the
+      separate rows. Each row's first label is made IGNORE first: in one row the previous row's
+      last token would predict it, and as separate rows no token does (packed rows start with a
+      conversation, whose first label is IGNORE anyway).
+    - **Recurrent layers** (Mamba in a hybrid) carry their state along a row whatever the mask.
+      They get ``seq_idx``, each token's conversation within its row (int32), which the
+      mamba-ssm and causal-conv1d kernels read to restart their state; launch setup refuses
+      packing where those are not installed (``missing_packed_sequence_kernels``).
     """
     from deus_dist.train.pipeline import IGNORE
 
+    if "position_ids" not in batch or "attention_mask" in batch:
+        return batch  # one document or one padded conversation per row
     implementation = getattr(model.config, "_attn_implementation", None) or ""
-    rows = batch["input_ids"].shape[0]
-    if "flash" not in implementation or "position_ids" not in batch or "attention_mask" in batch or rows == 1:
-        return batch
-    labels = batch["labels"].clone()
-    labels[:, 0] = IGNORE
-    return {k: v.reshape(1, -1) for k, v in {**batch, "labels": labels}.items()}
+    if "flash" in implementation and batch["input_ids"].shape[0] > 1:
+        labels = batch["labels"].clone()
+        labels[:, 0] = IGNORE
+        batch = {k: v.reshape(1, -1) for k, v in {**batch, "labels": labels}.items()}
+    if recurrent_layers(model.config):
+        starts = (batch["position_ids"] == 0).int()
+        batch = {**batch, "seq_idx": (starts.cumsum(dim=1) - 1).to(torch.int32)}
+    return batch
 
 
 def load_model(source, ds: dict, activation_checkpointing: bool):

@@ -168,6 +168,8 @@ def validate(cfg: TrainConfig, world_size: int, cuda: bool, pipeline: DataPipeli
             attempt(lambda: read_as_loaded(reader))
         names = list(reader.tensors)
     data = attempt(lambda: pipeline.spec(cfg, model_dir))
+    if arch is not None and getattr(cfg, "packing", False):
+        attempt(lambda: packing_problems(model_dir))
     manifest = attempt(lambda: read_manifest(model_dir))
     problems.items += context_problems(model_dir, cfg.seq_len)
     if arch is not None and arch.experts() and not cfg.zero3_leaf_layers:
@@ -248,6 +250,26 @@ def validate(cfg: TrainConfig, world_size: int, cuda: bool, pipeline: DataPipeli
         world_size=world_size,
         resumed=resumed,
     )
+
+
+def packing_problems(model_dir: Path) -> None:
+    """--packing for a model with recurrent layers needs the kernels that restart their state at
+    every packed conversation (train.model.model_inputs); without them the state would run on from
+    one conversation into the next."""
+    from transformers import AutoConfig
+
+    from deus_dist.hf_logging import quiet_transformers
+    from deus_dist.train.model import missing_packed_sequence_kernels, recurrent_layers
+
+    with quiet_transformers(True):
+        config = AutoConfig.from_pretrained(model_dir)
+    missing = missing_packed_sequence_kernels() if recurrent_layers(config) else []
+    if missing:
+        raise UserError(
+            f"--packing: this {config.model_type} model has recurrent (state-space) layers, which "
+            f"keep packed conversations apart only with the {' and '.join(missing)} kernels (GPU; not "
+            "installed here): install them, or use --no_packing (one conversation per row)"
+        )
 
 
 def _planned_ds_config(
