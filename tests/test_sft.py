@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from conftest import (
+    FAMILIES,
+    MOE_FAMILIES,
     add_char_tokenizer,
     alone_losses,
     batch_losses,
@@ -161,6 +163,27 @@ def test_a_packed_conversation_has_the_losses_it_has_alone(tmp_path):
     for ids, labels in convs:
         writer.add(ids, labels)
     assert writer.close() == 3
+
+
+@pytest.mark.parametrize("family", FAMILIES + MOE_FAMILIES)
+def test_every_family_keeps_packed_conversations_apart(tmp_path, family):
+    """Each family under the attention the launcher loads it with (SDPA; eager for Gemma-2) builds
+    its mask from the restarting position ids: in a packed 2-row micro-batch every token's loss
+    equals its loss alone (fp32, within 1e-5). A family whose transformers model ignored them
+    (its mask built from positions 0..n) would attend across conversations."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from deus_dist.train.model import attention_implementation, causal_lm_class, model_inputs
+
+    path = make_tiny(tmp_path / family, family)
+    fp32 = {"bf16": {"enabled": False}, "fp16": {"enabled": False}}
+    attention = attention_implementation(fp32, causal_lm_class(AutoConfig.from_pretrained(path)))
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention).eval()
+    convs, split = packed_conversations(tmp_path, [23, 17, 30, 12, 25], seq_len=40, seed=1)
+    losses, _ = batch_losses(model, model_inputs(model, split.batch([0, 2])))
+    for start, i in zip([0, 23, 40, 52], (0, 1, 3, 4), strict=True):
+        want = alone_losses(model, *convs[i])
+        torch.testing.assert_close(losses[start : start + len(want)], want, rtol=1e-5, atol=1e-5)
 
 
 def _reference_flash_kernels():
