@@ -345,6 +345,30 @@ def batch_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.nn.functional.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE), out.loss
 
 
+class TwoPackedRows:
+    """Five random conversations (23, 17, 30, 12 and 25 tokens) packed into 40-token rows,
+    [23, 17], [30] and [12, 25] + 3 of padding; ``batch`` is a micro-batch of rows 0 and 2."""
+
+    IN_BATCH = (0, 1, 3, 4)
+    """The conversations in ``batch``, and where each starts in its rows laid end to end."""
+    STARTS = (0, 23, 40, 52)
+
+    def __init__(self, folder: Path, seed: int):
+        self.convs, self.split = packed_conversations(folder, [23, 17, 30, 12, 25], seq_len=40, seed=seed)
+        assert len(self.split) == 3
+        self.batch = self.split.batch([0, 2])
+
+    def alone(self, model) -> list[torch.Tensor]:
+        """The target losses of each conversation in ``batch``, alone."""
+        return [alone_losses(model, *self.convs[i]) for i in self.IN_BATCH]
+
+    def assert_as_alone(self, model, fed: dict, rtol: float = 1e-5, atol: float = 1e-5) -> None:
+        """``fed`` (``batch`` as given to the model) gives every target the loss it has alone."""
+        losses, _ = batch_losses(model, fed)
+        for start, want in zip(self.STARTS, self.alone(model), strict=True):
+            torch.testing.assert_close(losses[start : start + len(want)], want, rtol=rtol, atol=atol)
+
+
 def make_training_model(root: Path, family: str = "llama") -> Path:
     """A tiny character-level base up-scaled 6 -> 9 layers by opt-deus (zero-init new blocks)."""
     base = make_tiny(root / "base", family)

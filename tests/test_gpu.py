@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import alone_losses, batch_losses, fuse, make_tiny, packed_conversations, state_dict
+from conftest import TwoPackedRows, fuse, make_tiny, state_dict
 from deus_dist.ot.solvers import pairwise_sq_dist, transport_plan
 
 pytestmark = pytest.mark.gpu
@@ -75,11 +75,8 @@ def test_packed_micro_batch_under_flash_attention_keeps_conversations_apart(tmp_
         .cuda()
         .eval()
     )
-    convs, split = packed_conversations(tmp_path, [23, 17, 30, 12, 25], seq_len=40, seed=1)
-    flat, _ = batch_losses(model, model_inputs(model, split.batch([0, 2])))
-    for start, i in zip([0, 23, 40, 52], (0, 1, 3, 4), strict=True):
-        want = alone_losses(model, *convs[i])
-        torch.testing.assert_close(flat[start : start + len(want)], want, rtol=0.02, atol=0.05)
+    packed = TwoPackedRows(tmp_path, seed=1)
+    packed.assert_as_alone(model, model_inputs(model, packed.batch), rtol=0.02, atol=0.05)
 
 
 def test_packed_micro_batch_of_a_hybrid_keeps_conversations_apart_with_the_mamba_kernels(tmp_path):
@@ -98,8 +95,5 @@ def test_packed_micro_batch_of_a_hybrid_keeps_conversations_apart_with_the_mamba
         .cuda()
         .eval()
     )
-    convs, split = packed_conversations(tmp_path, [23, 17, 30, 12, 25], seq_len=40, seed=2)
-    losses, _ = batch_losses(model, model_inputs(model, split.batch([0, 2])))
-    for start, i in zip([0, 23, 40, 52], (0, 1, 3, 4), strict=True):
-        want = alone_losses(model, *convs[i])
-        torch.testing.assert_close(losses[start : start + len(want)], want, rtol=0.02, atol=0.05)
+    packed = TwoPackedRows(tmp_path, seed=2)
+    packed.assert_as_alone(model, model_inputs(model, packed.batch), rtol=0.02, atol=0.05)

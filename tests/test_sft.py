@@ -12,6 +12,7 @@ import torch
 from conftest import (
     FAMILIES,
     MOE_FAMILIES,
+    TwoPackedRows,
     add_char_tokenizer,
     alone_losses,
     batch_losses,
@@ -179,11 +180,8 @@ def test_every_family_keeps_packed_conversations_apart(tmp_path, family):
     fp32 = {"bf16": {"enabled": False}, "fp16": {"enabled": False}}
     attention = attention_implementation(fp32, causal_lm_class(AutoConfig.from_pretrained(path)))
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention).eval()
-    convs, split = packed_conversations(tmp_path, [23, 17, 30, 12, 25], seq_len=40, seed=1)
-    losses, _ = batch_losses(model, model_inputs(model, split.batch([0, 2])))
-    for start, i in zip([0, 23, 40, 52], (0, 1, 3, 4), strict=True):
-        want = alone_losses(model, *convs[i])
-        torch.testing.assert_close(losses[start : start + len(want)], want, rtol=1e-5, atol=1e-5)
+    packed = TwoPackedRows(tmp_path, seed=1)
+    packed.assert_as_alone(model, model_inputs(model, packed.batch))
 
 
 def _reference_flash_kernels():
@@ -242,18 +240,15 @@ def test_packed_rows_keep_to_their_conversations_under_flash_attention(tmp_path,
     )
     monkeypatch.setattr(fa, "_loaded_implementation", None)
     model = AutoModelForCausalLM.from_pretrained(make_tiny(tmp_path / "m"), attn_implementation="sdpa").eval()
-    # rows of 40 tokens: [23, 17], [30], [12, 25] (and 3 tokens of padding)
-    convs, split = packed_conversations(tmp_path, [23, 17, 30, 12, 25], seq_len=40, seed=1)
-    assert len(split) == 3
+    packed = TwoPackedRows(tmp_path, seed=1)
+    batch = packed.batch
     model.config._attn_implementation = "flash_attention_2"
-    batch = split.batch([0, 2])
     fed = model_inputs(model, batch)
     assert fed["input_ids"].shape == (1, 80) and fa._is_packed_sequence(fed["position_ids"], 1)
-    flat, mean = batch_losses(model, fed)
-    expected = [alone_losses(model, *convs[i]) for i in (0, 1, 3, 4)]
-    for start, want in zip([0, 23, 40, 52], expected, strict=True):
-        torch.testing.assert_close(flat[start : start + len(want)], want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(mean, torch.cat(expected).sum() / split.targets([0, 2]), rtol=1e-5, atol=1e-5)
+    packed.assert_as_alone(model, fed)
+    expected = packed.alone(model)
+    _, mean = batch_losses(model, fed)  # the mean over the micro-batch's targets
+    torch.testing.assert_close(mean, torch.cat(expected).sum() / packed.split.targets([0, 2]))
     # as the rows came, transformers' FlashAttention path takes each row for one sequence
     unflat, _ = batch_losses(model, batch)
     assert not torch.allclose(unflat[23 : 23 + len(expected[1])], expected[1], atol=1e-3)
@@ -298,18 +293,15 @@ def test_packed_conversations_stay_apart_in_a_hybrids_recurrent_layers(tmp_path,
     model = AutoModelForCausalLM.from_pretrained(
         make_tiny(tmp_path / "m", "bamba"), attn_implementation="sdpa"
     ).eval()
-    convs, split = packed_conversations(tmp_path, [23, 17, 30, 12, 25], seq_len=40, seed=2)
-    batch = split.batch([0, 2])  # rows [23, 17] and [12, 25] (and 3 tokens of padding)
-    fed = model_inputs(model, batch)
+    packed = TwoPackedRows(tmp_path, seed=2)  # rows [23, 17] and [12, 25] + 3 of padding
+    fed = model_inputs(model, packed.batch)
     assert fed["seq_idx"].dtype == torch.int32
     assert fed["seq_idx"].tolist() == [[0] * 23 + [1] * 17, [0] * 12 + [1] * 25 + [2] * 3]
-    expected = [alone_losses(model, *convs[i]) for i in (0, 1, 3, 4)]
-    leaked, _ = batch_losses(model, batch)  # the rows as they came: the state runs on
-    assert not torch.allclose(leaked[23 : 23 + len(expected[1])], expected[1], atol=1e-3)
+    second = packed.alone(model)[1]
+    leaked, _ = batch_losses(model, packed.batch)  # the rows as they came: the state runs on
+    assert not torch.allclose(leaked[23 : 23 + len(second)], second, atol=1e-3)
     _mixer_honouring_seq_idx(monkeypatch)
-    losses, _ = batch_losses(model, fed)
-    for start, want in zip([0, 23, 40, 52], expected, strict=True):
-        torch.testing.assert_close(losses[start : start + len(want)], want, rtol=1e-5, atol=1e-5)
+    packed.assert_as_alone(model, fed)
 
 
 def test_packing_a_hybrid_without_its_kernels_is_refused_naming_no_packing(tmp_path, capsys):
