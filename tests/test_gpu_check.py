@@ -54,8 +54,16 @@ def test_cpu_dry_run_runs_every_step(tmp_path):
     assert {r["run"] for r in report["plan_vs_peak"]} >= {"engine:top", "engine-z2:top", "engine-z1:top"}
     # DeepSpeed's quantizer is CUDA-only: here the comparison's code runs with ZeRO++ off on both sides
     assert report["zeropp"]["quantized"] is False and report["zeropp"]["max_abs_logit_change"] == 0
+    # which kernels the packed-conversation paths had
+    import importlib.util
+
+    kernels = {
+        k: importlib.util.find_spec(k) is not None for k in ("flash_attn", "mamba_ssm", "causal_conv1d")
+    }
+    assert report["kernels"] == kernels
     table = (tmp_path / "out" / "gpu_check.txt").read_text()
     assert "cpt_resume_equals_uninterrupted" in table and "plan vs peak" in table
+    assert "optional kernels: " + (", ".join(k for k, v in kernels.items() if v) or "none") in table
 
 
 def test_bench_train_measures_each_run_in_its_own_process_over_rounds(tmp_path):

@@ -293,17 +293,22 @@ steps = [json.loads(l) for l in open(steps_file) if l.strip()]
 def load(name):
     p = os.path.join(work, name)
     return json.load(open(p)) if os.path.exists(p) else None
+import importlib.util
 import torch
+# which kernels the packed-conversation paths ran on (flash-attn: FlashAttention 2 varlen, else SDPA;
+# mamba-ssm and causal-conv1d: a hybrid's packed Mamba layers)
+kernels = {k: importlib.util.find_spec(k) is not None for k in ("flash_attn", "mamba_ssm", "causal_conv1d")}
 report = {
     "mode": "cpu-dry-run" if dry else "gpu",
     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
-    "torch": torch.__version__, "python": platform.python_version(),
+    "torch": torch.__version__, "python": platform.python_version(), "kernels": kernels,
     "passed": all(s["rc"] == 0 for s in steps),
     "steps": steps, "bench": load("bench.json"), "plan_vs_peak": load("plan.json"),
     "cpt_resume": load("compare.json"), "zeropp": load("zeropp.json"),
 }
 json.dump(report, open(os.path.join(out, "gpu_check.json"), "w"), indent=1)
-lines = [f"gpu_check ({report['mode']}) on {report['device']}, torch {report['torch']}", "",
+have = ", ".join(k for k, v in kernels.items() if v) or "none"
+lines = [f"gpu_check ({report['mode']}) on {report['device']}, torch {report['torch']}; optional kernels: {have}", "",
          f"{'step':34}{'status':>8}{'seconds':>9}"]
 lines += [f"{s['step']:34}{'ok' if s['rc'] == 0 else 'FAIL ' + str(s['rc']):>8}{s['seconds']:9.1f}" for s in steps]
 if report["bench"]:
