@@ -350,8 +350,9 @@ class TwoPackedRows:
     [23, 17], [30] and [12, 25] + 3 of padding; ``batch`` is a micro-batch of rows 0 and 2."""
 
     IN_BATCH = (0, 1, 3, 4)
-    """The conversations in ``batch``, and where each starts in its rows laid end to end."""
+    """The conversations in ``batch``."""
     STARTS = (0, 23, 40, 52)
+    """Where each of them starts in ``batch``'s rows laid end to end."""
 
     def __init__(self, folder: Path, seed: int):
         self.convs, self.split = packed_conversations(folder, [23, 17, 30, 12, 25], seq_len=40, seed=seed)
