@@ -295,9 +295,10 @@ def load(name):
     return json.load(open(p)) if os.path.exists(p) else None
 import importlib.util
 import torch
+from deus_dist.train.model import PACKED_SEQUENCE_KERNELS
 # which kernels the packed-conversation paths ran on (flash-attn: FlashAttention 2 varlen, else SDPA;
-# mamba-ssm and causal-conv1d: a hybrid's packed Mamba layers)
-kernels = {k: importlib.util.find_spec(k) is not None for k in ("flash_attn", "mamba_ssm", "causal_conv1d")}
+# PACKED_SEQUENCE_KERNELS: a hybrid's packed Mamba layers)
+kernels = {k: importlib.util.find_spec(k) is not None for k in ("flash_attn", *PACKED_SEQUENCE_KERNELS)}
 report = {
     "mode": "cpu-dry-run" if dry else "gpu",
     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",

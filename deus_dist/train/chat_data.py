@@ -12,8 +12,9 @@ so any template that renders a conversation as the concatenation of its turns wo
 A conversation longer than ``seq_len`` is cut after its last whole assistant turn that fits, or
 dropped. With packing, conversations are laid end to end into ``seq_len`` rows, each with position
 ids from 0 (transformers then builds a block-diagonal causal mask, or uses FlashAttention's varlen
-path, given a micro-batch as one row: ``train.model.model_inputs``), and a conversation's first token is never a target, so nothing is learned across
-conversations. Without packing each row holds one conversation, padded; padding is never a target.
+path, given a micro-batch as one row: ``train.model.model_inputs``), and a conversation's first
+token is never a target, so nothing is learned across conversations. Without packing each row
+holds one conversation, padded; padding is never a target.
 """
 
 from __future__ import annotations
