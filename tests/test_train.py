@@ -4,6 +4,9 @@ schedule, checkpoint discovery, and every bad input of the launcher (checked bef
 from __future__ import annotations
 
 import json
+import resource
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -641,3 +644,36 @@ def test_every_family_loads_for_training_with_an_attention_it_supports(tmp_path,
     assert all(
         p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad
     )
+
+
+FAULTS_OF_REUSE = """
+import resource, sys, torch
+if sys.argv[1] == "kept":
+    from deus_dist.train.dist import keep_freed_cpu_memory
+    assert keep_freed_cpu_memory()
+def fill():
+    torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB: over glibc's largest mmap threshold (32 MiB)
+for _ in range(10):  # the heap grows until a freed block has room for an aligned one
+    fill()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    fill()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
+def test_cpu_training_reuses_freed_memory_instead_of_faulting_it_in_again():
+    """glibc hands every block over its mmap threshold back to the OS when it is freed, so a tensor
+    as large as a flattened gradient partition is page-faulted in afresh on every step."""
+
+    def faults(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", FAULTS_OF_REUSE, mode], capture_output=True, text=True, check=True
+        ).stdout
+        return int(out.split()[-1])
+
+    page = resource.getpagesize()
+    default, kept = faults("default"), faults("kept")
+    assert default > 10 * (64 << 20) // page // 2  # each of the 10 fills faults its pages in again
+    assert kept < (64 << 20) // page // 10  # refilled from the pages already there, once warmed up

@@ -4,6 +4,8 @@
 Each run builds the up-scaled model shape with random weights, trains ``--warmup`` + ``--steps``
 optimizer steps on the same random token batches, and reports the median tokens/s, the step's
 forward / backward / optimizer milliseconds (device-synchronised) and peak memory.
+On CPUs every run's process keeps the memory it frees, as a CPU training run does
+(``train.dist.keep_freed_cpu_memory``), so neither side pays page faults the other does not.
 
 Runs (``--runs``, comma-separated ``KIND:TRAINABLE``):
   plain:top          plain PyTorch: bf16 autocast on GPU, fp32 trainable weights, fused AdamW
@@ -331,7 +333,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--json", help="Also write the results to this file.")
     args = parser.parse_args(argv)
-    from deus_dist.train.dist import init_distributed
+    from deus_dist.train.dist import init_distributed, keep_freed_cpu_memory
     from deus_dist.train.ds_config import default_ds_config
 
     args.ds_config = args.ds_config or str(default_ds_config(cuda))
@@ -344,6 +346,8 @@ def main(argv=None) -> int:
     device = batches = None
     if not args.isolate:  # each run's own process does this
         device = init_distributed().device
+        if not cuda:  # as a CPU training run does (train.run.start), for plain PyTorch too
+            keep_freed_cpu_memory()
         g = torch.Generator().manual_seed(0)
         batches = [
             torch.randint(0, config.vocab_size, (micro, seq_len), generator=g).to(device)

@@ -66,12 +66,14 @@ def start(cfg: TrainConfig, pipeline: DataPipeline | None = None, log=print) -> 
     from deus_dist.train import checkpointing
     from deus_dist.train import setup as run_setup
     from deus_dist.train.cluster import once_per_filesystem, require_shared
-    from deus_dist.train.dist import init_distributed
+    from deus_dist.train.dist import init_distributed, keep_freed_cpu_memory
     from deus_dist.train.model import build_engine
 
     _check_outputs(cfg)  # before anything is written: require_shared makes --output_dir
     cuda = torch.cuda.is_available()
     env = init_distributed(cfg.local_rank, cfg.dist_timeout)
+    if not cuda:
+        keep_freed_cpu_memory()
     say = log if env.is_main else (lambda *a, **k: None)
     require_shared(Path(cfg.output_dir), env, "--output_dir")
     cfg = dataclasses.replace(cfg, model=str(run_setup.resolve_model(cfg.model, env, say)))
