@@ -57,9 +57,9 @@ def test_cpu_dry_run_runs_every_step(tmp_path):
     # which kernels the packed-conversation paths had
     import importlib.util
 
-    kernels = {
-        k: importlib.util.find_spec(k) is not None for k in ("flash_attn", "mamba_ssm", "causal_conv1d")
-    }
+    from deus_dist.train.model import PACKED_SEQUENCE_KERNELS
+
+    kernels = {k: importlib.util.find_spec(k) is not None for k in ("flash_attn", *PACKED_SEQUENCE_KERNELS)}
     assert report["kernels"] == kernels
     table = (tmp_path / "out" / "gpu_check.txt").read_text()
     assert "cpt_resume_equals_uninterrupted" in table and "plan vs peak" in table
